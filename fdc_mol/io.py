@@ -1,0 +1,146 @@
+"""Molecule files: SDF writing (atomic, with SD properties) and tolerant SDF reading.
+
+``write_sdf`` takes :class:`~flowmol_ext.batch.Molecule` objects or RDKit molecules and writes
+explicit-H, Kekulé, charged 3D records. V2000 keeps 4 decimals of each coordinate (Å); pass
+``v3000=True`` where geometries must survive to better than 1e-4 Å (energies compared at 1e-6 Eh).
+
+``read_sdf`` reads any SDF (ours or another tool's, optionally gzipped) without sanitising and
+without removing hydrogens, and keeps going past bad records.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rdkit import Chem, rdBase
+
+from flowmol_ext.batch import Molecule
+from flowmol_ext.chem import to_rdkit
+from flowmol_ext.io_utils import atomic_write
+
+
+def format_sd_value(value: Any) -> str:
+    """Text of an SD property value: floats with ``repr`` precision, NaN as ``nan``, None as ``""``,
+    bools as 0/1, lists/dicts as JSON, anything else with ``str`` (newlines replaced by spaces:
+    an SD data field ends at its first blank line)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) or type(value).__name__ in {"float32", "float64", "float16"}:
+        v = float(value)
+        return "nan" if math.isnan(v) else repr(v)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return format_sd_value(value.item())
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=float)
+    return " ".join(str(value).splitlines())
+
+
+def _writable(mol: Molecule | Chem.Mol, index: int) -> Chem.Mol:
+    if isinstance(mol, Molecule):
+        m = to_rdkit(mol)
+        for key, value in mol.props.items():
+            m.SetProp(str(key), format_sd_value(value))
+    elif isinstance(mol, Chem.Mol):
+        m = Chem.Mol(mol)
+        if any(b.GetIsAromatic() for b in m.GetBonds()):
+            try:
+                trial = Chem.Mol(m)
+                trial.UpdatePropertyCache(strict=False)
+                Chem.Kekulize(trial, clearAromaticFlags=True)
+                m = trial
+            except Exception:  # noqa: BLE001 - written as aromatic (bond type 4) then
+                pass
+    else:
+        raise ValueError(f"molecule {index}: expected a Molecule or rdkit Chem.Mol, got {type(mol).__name__}")
+    if m.GetNumConformers() == 0:
+        raise ValueError(f"molecule {index}: no conformer (3D coordinates) to write")
+    m.UpdatePropertyCache(strict=False)  # unsanitized molecules need valences before writing
+    return m
+
+
+def write_sdf(
+    path: str | Path,
+    molecules: Sequence[Molecule | Chem.Mol],
+    properties: Sequence[dict[str, Any]] | None = None,
+    v3000: bool = False,
+) -> Path:
+    """Write ``molecules`` to one SDF file, atomically (temporary name, then rename).
+
+    ``properties[i]`` adds SD data fields to record i (overriding ``Molecule.props`` of the same
+    name); e.g. ``{"energy_hartree": -40.5, "reason": "scf not converged"}``. A ``name`` entry becomes
+    the record title. NaN is written as ``nan``. Returns the path.
+    """
+    path = Path(path)
+    if properties is not None and len(properties) != len(molecules):
+        raise ValueError(f"{path}: {len(properties)} property dicts for {len(molecules)} molecules")
+    prepared = []
+    for i, mol in enumerate(molecules):
+        m = _writable(mol, i)
+        for key, value in (properties[i] if properties is not None else {}).items():
+            if "\n" in str(key) or not str(key).strip():
+                raise ValueError(f"molecule {i}: SD property name {key!r} is empty or has a newline")
+            m.SetProp(str(key), format_sd_value(value))
+        if m.HasProp("name"):
+            m.SetProp("_Name", m.GetProp("name"))
+        prepared.append(m)
+
+    def _write(tmp: Path) -> None:
+        writer = Chem.SDWriter(str(tmp))
+        writer.SetForceV3000(v3000)
+        writer.SetKekulize(False)
+        try:
+            for m in prepared:
+                writer.write(m)
+        finally:
+            writer.close()
+
+    atomic_write(path, _write)
+    return path
+
+
+def read_sdf(path: str | Path) -> list[tuple[Chem.Mol | None, str | None]]:
+    """Read every record of an SDF (``.sdf`` or ``.sdf.gz``): ``(mol, None)`` or ``(None, reason)``.
+
+    Molecules are read with ``sanitize=False, removeHs=False`` (sanitise separately, e.g. for
+    validity) and carry their SD properties. A bad record does not stop reading; its reason names
+    the file, the 1-based record number and RDKit's message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such SDF file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    out: list[tuple[Chem.Mol | None, str | None]] = []
+    capture = getattr(rdBase, "CaptureErrorLog", None)
+    with opener(path, "rb") as fh:
+        supplier = Chem.ForwardSDMolSupplier(fh, sanitize=False, removeHs=False)
+        while True:
+            messages = ""
+            try:
+                if capture is not None:
+                    with capture() as cap:
+                        mol = next(supplier)
+                    messages = cap.messages
+                else:
+                    mol = next(supplier)
+            except StopIteration:
+                break
+            record = len(out) + 1
+            if mol is None:
+                lines = [ln.split("] ", 1)[-1].strip() for ln in messages.splitlines() if ln.strip()]
+                lines = [ln for ln in lines if "moving to the beginning of the next molecule" not in ln]
+                why = "; ".join(lines) or "RDKit could not parse the record"
+                out.append((None, f"{path}: record {record}: {why}"))
+            elif mol.GetNumAtoms() == 0:
+                out.append((None, f"{path}: record {record}: molecule has no atoms"))
+            else:
+                out.append((mol, None))
+    if not out:
+        raise ValueError(f"{path}: no SDF records found")
+    return out
