@@ -26,12 +26,13 @@ unstable, invalid and disconnected, with no atoms.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from rdkit import Chem
+from rdkit import Chem, rdBase
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -87,13 +88,20 @@ def _largest_fragment(m: Chem.Mol) -> Chem.Mol:
     return max(frags, key=lambda f: f.GetNumAtoms()) if frags else m
 
 
+def _quiet() -> contextlib.AbstractContextManager:
+    """Silence RDKit's per-molecule log lines (the reason is returned instead)."""
+    block = getattr(rdBase, "BlockLogs", None)
+    return block() if block is not None else contextlib.nullcontext()
+
+
 def _sanitized(m: Chem.Mol) -> tuple[Chem.Mol | None, str | None]:
     """Sanitized copy, or None and RDKit's reason."""
     if m.GetNumAtoms() == 0:
         return None, "no atoms"
     s = Chem.Mol(m)
     try:
-        Chem.SanitizeMol(s)
+        with _quiet():
+            Chem.SanitizeMol(s)
     except Exception as err:  # noqa: BLE001 - AtomValenceException, KekulizeException, ...
         return None, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return s, None
