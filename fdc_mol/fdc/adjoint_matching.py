@@ -1,0 +1,173 @@
+"""Adjoint Matching ([AM], Domingo-Enrich et al.) with the paper's sign, as the FDC inner solver.
+
+One step (fdc.md §4.2):
+1. sample trajectories of the *fine* model with the memoryless SDE, recording every state;
+2. lean adjoint with the *base* model: ã_T = −∇g(X_1) (g already carries 1/η), and for k = T−1..1
+   ã_k = ã_{k+1} + h ∇ₓ[ã_{k+1} · b_base(X_k, t_k)],  b = 2v − α'/(α+h) x
+   (a vector–Jacobian product; this is the exact adjoint of the Euler map, so the base velocity is
+   never evaluated at t = 1 where endpoint-parametrised flows are singular);
+3. loss L = mean_batch Σ_{k∈S} ‖(2/σ_k)(v_fine − v_base)(X_k, t_k) + σ_k ã_k‖², each (sample, timestep)
+   term clipped at LCT·λ² ([AM]); the minimiser v_fine − v_base = −σ²ã/2 = +(σ²/2)∇g moves *up* g;
+4. S = the last 25 % of the grid (data end) plus a random 25 % of the rest; t = 0 (σ = ∞) is never used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from flowmol_ext.config import StrictModel
+
+from .flow import FlowModel, Trajectory, per_sample_sqnorm
+
+__all__ = ["AMConfig", "timestep_subset", "lean_adjoint", "am_loss", "am_loss_for_trajectory", "am_step"]
+
+TerminalGradFn = Callable[[Tensor, Trajectory], Tensor]
+
+
+class AMConfig(StrictModel):
+    """Adjoint-matching inner-solver settings."""
+
+    n_traj: int = Field(64, ge=1, description="trajectories sampled per optimizer step")
+    steps: int = Field(40, ge=2, description="Euler–Maruyama steps T of the memoryless SDE")
+    final_frac: float = Field(0.25, ge=0.0, le=1.0, description="fraction of the grid at the data end always used")
+    random_frac: float = Field(0.25, ge=0.0, le=1.0, description="fraction of the remaining times drawn at random")
+    lct: float | None = Field(1.6, gt=0.0, description="loss clip LCT: each term is clipped at LCT·λ²; null = off")
+    grad_clip_norm: float | None = Field(None, gt=0.0, description="optional clip of the parameter-gradient norm")
+
+
+def timestep_subset(
+    steps: int, final_frac: float = 0.25, random_frac: float = 0.25, generator: torch.Generator | None = None
+) -> Tensor:
+    """Grid indices k in 1..T−1 used in the loss: the last ⌈final_frac·(T−1)⌉ plus a random share of the rest.
+
+    Index k is time t_k = k/T; k = 0 (t = 0, σ = ∞) and k = T (t = 1, σ = 0) are excluded. Sorted (m,) long.
+    """
+    if steps < 2:
+        raise ValueError(f"timestep_subset needs steps >= 2, got {steps}")
+    valid = torch.arange(1, steps)
+    n_final = min(valid.numel(), max(1, math.ceil(final_frac * valid.numel())))
+    final = valid[valid.numel() - n_final :]
+    rest = valid[: valid.numel() - n_final]
+    n_rand = int(round(random_frac * rest.numel()))
+    if n_rand > 0:
+        perm = torch.randperm(rest.numel(), generator=generator)[:n_rand]
+        chosen = torch.cat([rest[perm], final])
+    else:
+        chosen = final
+    return chosen.sort().values
+
+
+def lean_adjoint(
+    base: FlowModel,
+    traj: Trajectory,
+    terminal_grad: Tensor,
+    running_grad_fn: Callable[[Tensor, float], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Lean adjoint ã_k (k = 0..T) and the base velocities v_base(X_k, t_k) on a recorded trajectory.
+
+    terminal_grad: ∇g(X_1), shape like traj.x1 (already scaled by 1/η). Returns (adj, v_base), both
+    (T+1, N, ...), detached; entries at k = 0 are zero (never used). The adjoint is projected by
+    ``base.project`` at every step. running_grad_fn(x, t) -> ∇f(x, t) adds a running cost −h ∇f.
+    """
+    if traj.xs is None:
+        raise ValueError("lean_adjoint needs a recorded trajectory (sample with record=True)")
+    T = traj.steps
+    h = 1.0 / T
+    sched = base.schedule
+    adj = torch.zeros_like(traj.xs)
+    v_base = torch.zeros_like(traj.xs)
+    a = -base.project(terminal_grad.detach(), traj)
+    adj[T] = a
+    for k in range(T - 1, 0, -1):
+        t = float(traj.times[k])
+        with torch.enable_grad():
+            x = traj.xs[k].detach().requires_grad_(True)
+            v = base.velocity(x, t, k, traj)
+            b = 2.0 * v - sched.kappa(torch.tensor(t), h) * x
+            (vjp,) = torch.autograd.grad(b, x, grad_outputs=a)
+        a = a + h * vjp.detach()
+        if running_grad_fn is not None:
+            a = a - h * running_grad_fn(traj.xs[k], t).detach()
+        a = base.project(a, traj)
+        adj[k] = a
+        v_base[k] = v.detach()
+    return adj, v_base
+
+
+def am_loss(
+    v_fine: Tensor, v_base: Tensor, adj: Tensor, sigma: float | Tensor, traj: Trajectory, clip: float | None
+) -> Tensor:
+    """Per-sample AM loss at one timestep: ‖(2/σ)(v_fine − v_base) + σ ã‖², clipped at ``clip``. -> (n,)."""
+    sigma = torch.as_tensor(sigma, dtype=v_fine.dtype)
+    resid = (2.0 / sigma) * (v_fine - v_base) + sigma * adj
+    term = per_sample_sqnorm(resid, traj)
+    if clip is not None:
+        term = term.clamp(max=clip)
+    return term
+
+
+def am_loss_for_trajectory(
+    fine: FlowModel,
+    traj: Trajectory,
+    adj: Tensor,
+    v_base: Tensor,
+    indices: Tensor,
+    *,
+    clip: float | None = None,
+) -> Tensor:
+    """Differentiable scalar loss mean_batch Σ_{k ∈ indices} of :func:`am_loss` on one recorded trajectory.
+
+    Pure: no sampling and no optimizer; usable inside a Lightning training_step.
+    """
+    if traj.xs is None:
+        raise ValueError("am_loss_for_trajectory needs a recorded trajectory")
+    h = 1.0 / traj.steps
+    total = torch.zeros(traj.n, dtype=traj.xs.dtype)
+    for k in indices.tolist():
+        if not 1 <= k <= traj.steps - 1:
+            raise ValueError(f"timestep index {k} outside 1..{traj.steps - 1} (t = 0 and t = 1 are excluded)")
+        t = float(traj.times[k])
+        sigma = fine.schedule.sigma(torch.tensor(t), h)
+        v = fine.velocity(traj.xs[k].detach(), t, k, traj)
+        total = total + am_loss(v, v_base[k], adj[k], sigma, traj, clip)
+    return total.mean()
+
+
+def am_step(
+    fine: FlowModel,
+    base: FlowModel,
+    terminal_grad_fn: TerminalGradFn,
+    cfg: AMConfig,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lam: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """One adjoint-matching optimizer step. ``lam`` (λ, the reward scale) sets the clip LCT·λ².
+
+    terminal_grad_fn(x1, traj) -> ∇g(x1) like x1. Returns metrics: loss, grad-norm of ∇g, mean ‖ã_T‖.
+    """
+    traj = fine.sample(cfg.n_traj, cfg.steps, memoryless=True, record=True, generator=generator)
+    g = terminal_grad_fn(traj.x1.detach(), traj)
+    if g.shape != traj.x1.shape:
+        raise ValueError(f"terminal_grad_fn returned shape {tuple(g.shape)}, expected {tuple(traj.x1.shape)}")
+    g = torch.nan_to_num(g, nan=0.0)
+    adj, v_base = lean_adjoint(base, traj, g)
+    idx = timestep_subset(cfg.steps, cfg.final_frac, cfg.random_frac, generator)
+    clip = None if cfg.lct is None else cfg.lct * lam**2
+    optimizer.zero_grad(set_to_none=True)
+    loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip)
+    loss.backward()
+    if cfg.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(fine.parameters()), cfg.grad_clip_norm)
+    optimizer.step()
+    return {
+        "loss": float(loss.detach()),
+        "terminal_grad_norm": float(per_sample_sqnorm(g, traj).sqrt().mean()),
+    }
