@@ -218,8 +218,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
     if tc.tensorboard:
         loggers.append(TensorBoardLogger(str(run_dir), name="tb", version=version))
     callbacks = [
-        ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:07d}", every_n_train_steps=tc.checkpoint_every_n_steps,
-                        save_last=True, save_top_k=1, auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:07d}", save_last=True, save_top_k=1,
+                        every_n_train_steps=tc.checkpoint_every_n_steps, auto_insert_metric_name=False),
         ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step:07d}-val{val/loss:.4f}", monitor="val/loss",
                         mode="min", save_top_k=1, auto_insert_metric_name=False),
         ExportModelDir(str(run_dir), snapshot_every_n_steps),

@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fdc_mol.runlog import start_run
     from flowmol_ext.config import load_config
     from flowmol_ext.lightning import PretrainConfig, pretrain
-    from fdc_mol.runlog import start_run
 
     if args.resume is None and args.config is None:
         raise ValueError("give a config with -c/--config, or --resume RUN_DIR")

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stochasticity", type=float, default=30.0, help="CTMC re-masking rate eta")
     p.add_argument("--temperature", type=float, default=0.05, help="CTMC temperature")
     p.add_argument("--hc-thresh", type=float, default=0.9, help="purity-sampling threshold (0 disables)")
-    p.add_argument("--n-atoms", type=int, help="fix the molecule size instead of drawing it from the training histogram")
+    p.add_argument("--n-atoms", type=int, help="fixed molecule size (default: drawn from the training histogram)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 

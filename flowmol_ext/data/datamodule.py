@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from flowmol_ext.batch import Molecule, MolBatch
+from flowmol_ext.batch import MolBatch, Molecule
 from flowmol_ext.config import StrictModel
 from flowmol_ext.data.store import MoleculeStore, load_split
 from flowmol_ext.model.interpolants import ot_align_prior
