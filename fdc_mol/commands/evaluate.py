@@ -52,7 +52,11 @@ def _train_smiles(args: argparse.Namespace) -> tuple[list[str] | None, bool, str
 
 
 def _energies(args: argparse.Namespace, mols: list[Any]) -> dict[str, Any]:
-    """Single-point energies of the parsed molecules via :func:`fdc_mol.rewards.make_reward`."""
+    """Single-point energies (Hartree) of the parsed molecules via :func:`fdc_mol.rewards.make_reward`.
+
+    Molecules the reward layer refuses (its validity gate, SCF failures) or that cannot be converted
+    count as failures, with their reasons; means are over the successful ones.
+    """
     import numpy as np
 
     from fdc_mol.rewards import make_reward
@@ -61,11 +65,8 @@ def _energies(args: argparse.Namespace, mols: list[Any]) -> dict[str, Any]:
     method, engine = _ENERGY_METHODS[args.energy]
     engine = engine or args.engine
     kwargs: dict[str, Any] = {}
-    params = inspect.signature(make_reward).parameters
-    for name in ("workers", "n_workers", "max_workers"):
-        if name in params:
-            kwargs[name] = args.workers
-            break
+    if "executor" in inspect.signature(make_reward).parameters:
+        kwargs["executor"] = "serial" if args.workers == 1 else f"local:{args.workers}"
     reward = make_reward(method, engine=engine, **kwargs)
 
     n = len(mols)
@@ -83,8 +84,13 @@ def _energies(args: argparse.Namespace, mols: list[Any]) -> dict[str, Any]:
             n_atoms[i] = m.GetNumAtoms()
         except ValueError as err:
             reasons[i] = f"conversion: {err}"
-    if converted:
-        res = reward(converted)
+    try:
+        res = reward(converted, with_grad=False) if converted else None
+    finally:
+        close = getattr(reward, "close", None)
+        if close is not None:
+            close()
+    if res is not None:
         for k, i in enumerate(where):
             if bool(res.ok[k]):
                 energy[i] = float(res.energy[k])
@@ -124,6 +130,17 @@ _FRACTIONS = {
 }
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from fdc_mol.io import read_sdf
     from fdc_mol.runlog import start_run
@@ -139,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     train, canonical, note = _train_smiles(args)
     metrics: dict[str, Any] = {"file": str(args.file)}
     metrics.update(evaluate_molecules(mols, train_smiles=train, train_smiles_canonical=canonical))
+    if train is None:
+        metrics["novelty"] = math.nan  # skipped (see the note); null in the JSON
     if args.energy != "none":
         try:
             metrics.update(_energies(args, mols))
@@ -162,6 +181,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         from flowmol_ext.io_utils import atomic_write_text
 
-        atomic_write_text(args.out, json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+        atomic_write_text(args.out, json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.out}")
     return 0
