@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,7 +256,7 @@ def read_qm9pack_wheel(wheel: Path, expected_sha256: str | None = QM9PACK_SHA256
             try:
                 with zf.open(part) as raw:
                     data = raw.read()
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as err:
                 raise QM9FormatError(f"{name}: corrupt zip member ({err})") from None
             try:
                 text = data.decode("utf-8")
@@ -331,7 +332,7 @@ def read_figshare_tar(path: Path) -> list[RawRecord]:
                 fh = tf.extractfile(info)
                 data = fh.read() if fh is not None else b""
                 records.append(parse_xyz_text(data.decode("utf-8", errors="strict"), f"{path}!{info.name}"))
-    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as err:
+    except (tarfile.TarError, zlib.error, EOFError, OSError, UnicodeDecodeError) as err:
         raise QM9FormatError(f"{path}!{member}: corrupt or truncated archive ({type(err).__name__}: {err})") from None
     if not records:
         raise QM9FormatError(f"{path}: no .xyz files in the archive")
