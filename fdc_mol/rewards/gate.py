@@ -121,8 +121,11 @@ def check_gate(spec: MolSpec, settings: RewardSettings) -> str:
     if reason:
         return reason
     if settings.sanitize or settings.method == "mmff94":
+        from rdkit import rdBase
+
         try:
-            mol = spec_to_rdkit(spec, sanitize=True)
+            with rdBase.BlockLogs():  # the reason string carries RDKit's message
+                mol = spec_to_rdkit(spec, sanitize=True)
         except Exception as err:  # noqa: BLE001 - RDKit raises several exception types
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             return f"RDKit sanitisation failed: {msg}"

@@ -98,8 +98,11 @@ def parse_executor_spec(spec: str) -> tuple[str, str | int | None]:
     raise ValueError(f"unknown executor spec '{spec}'; {_SPEC_HELP}")
 
 
-def make_executor(spec: str) -> Executor:
-    """Build an executor from a spec string (see module docstring). Raises ``ValueError`` on bad specs."""
+def make_executor(spec: str, connect_timeout_s: float = 20.0) -> Executor:
+    """Build an executor from a spec string (see module docstring). Raises ``ValueError`` on bad specs.
+
+    ``connect_timeout_s``: how long to try reaching a Dask scheduler, s.
+    """
     kind, arg = parse_executor_spec(spec)
     if kind == "serial":
         return SerialExecutor()
@@ -110,7 +113,7 @@ def make_executor(spec: str) -> Executor:
     except ImportError:
         raise ValueError(f"executor spec '{spec}' needs dask.distributed: pip install 'fdc-mol[dask]'") from None
     try:
-        client = Client(arg, timeout="20s", set_as_default=False)
+        client = Client(arg, timeout=f"{connect_timeout_s}s", set_as_default=False)
     except Exception as err:  # noqa: BLE001 - OSError / TimeoutError from distributed
         raise ValueError(f"cannot connect to the Dask scheduler at {arg}: {err}") from None
     return client.get_executor(pure=False)

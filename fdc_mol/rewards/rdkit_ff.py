@@ -14,12 +14,14 @@ __all__ = ["make_mmff_function", "mmff_relax_positions"]
 
 
 def _force_field(spec: MolSpec):  # noqa: ANN202 - returns (mol, ForceField)
+    from rdkit import rdBase
     from rdkit.Chem import rdForceFieldHelpers as ffh
 
     from fdc_mol.rewards.gate import spec_to_rdkit
 
     try:
-        mol = spec_to_rdkit(spec, sanitize=True)
+        with rdBase.BlockLogs():
+            mol = spec_to_rdkit(spec, sanitize=True)
     except Exception as err:  # noqa: BLE001
         raise EngineError(f"MMFF94 needs a sanitisable molecule: {str(err).strip() or type(err).__name__}") from None
     props = ffh.MMFFGetMoleculeProperties(mol, mmffVariant="MMFF94")

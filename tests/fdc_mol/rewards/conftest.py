@@ -40,7 +40,8 @@ def molecule_from_xyz(elements: list[str], xyz: np.ndarray, with_bonds: bool = T
         from rdkit import Chem
         from rdkit.Chem import rdDetermineBonds
 
-        block = f"{len(elements)}\n\n" + "\n".join(f"{e} {x:.10f} {y:.10f} {z:.10f}" for e, (x, y, z) in zip(elements, xyz))
+        lines = [f"{e} {x:.10f} {y:.10f} {z:.10f}" for e, (x, y, z) in zip(elements, xyz)]
+        block = f"{len(elements)}\n\n" + "\n".join(lines)
         mol = Chem.MolFromXYZBlock(block)
         rdDetermineBonds.DetermineBonds(mol, charge=0)
         Chem.Kekulize(mol, clearAromaticFlags=True)

@@ -43,8 +43,8 @@ def test_tblite_and_xtb_python_agree_on_50_qm9(qm9_molecules, method: str) -> No
 def test_recorded_reference_energies(engine: str) -> None:
     rows = qm9_rows(50)
     mols = [molecule_from_xyz(*rows[i][:2]) for i in REFERENCE]
-    for smi_check, (i, (smi, _, _)) in zip([rows[i][2] for i in REFERENCE], REFERENCE.items()):
-        assert smi_check == smi
+    for i, (smi, _, _) in REFERENCE.items():
+        assert rows[i][2] == smi
     for method, col in (("gfn2", 1), ("gfn1", 2)):
         res = make_reward(method, engine=engine, executor="serial", watchdog=False)(mols)
         assert res.ok.all(), res.reason
