@@ -44,7 +44,10 @@ def format_sd_value(value: Any) -> str:
 
 def _writable(mol: Molecule | Chem.Mol, index: int) -> Chem.Mol:
     if isinstance(mol, Molecule):
-        m = to_rdkit(mol)
+        try:
+            m = to_rdkit(mol)
+        except ValueError as err:
+            raise ValueError(f"molecule {index}: {err}") from err
         for key, value in mol.props.items():
             m.SetProp(str(key), format_sd_value(value))
     elif isinstance(mol, Chem.Mol):

@@ -1,8 +1,11 @@
-"""Molecules as tensors <-> RDKit molecules.
+"""Molecules as tensors <-> RDKit molecules, and the valence table of the stability metrics.
 
-``to_rdkit`` builds an RDKit molecule with explicit hydrogens, formal charges, kekulized bonds and
-a 3D conformer (Å) from a :class:`~flowmol_ext.batch.Molecule`. No sanitisation happens here:
-callers decide (validity checks sanitise a copy).
+- ``to_rdkit`` builds an RDKit molecule with explicit hydrogens, formal charges, kekulized bonds and
+  a 3D conformer (Å) from a :class:`~flowmol_ext.batch.Molecule`; ``batch_to_rdkit`` does it for a
+  :class:`~flowmol_ext.batch.MolBatch`. No sanitisation happens here: callers decide (validity
+  checks sanitise a copy).
+- ``from_rdkit`` is the inverse for any explicit-H RDKit molecule with a conformer (kekulizes a copy).
+- ``ALLOWED_VALENCES`` / ``atom_is_stable`` / ``atom_valences``: the documented valence table.
 """
 
 from __future__ import annotations

@@ -110,8 +110,10 @@ def _energies(args: argparse.Namespace, mols: list[Any]) -> dict[str, Any]:
 
 def _table(metrics: dict[str, Any]) -> str:
     rows = []
-    for key, value in metrics.items():
-        if isinstance(value, dict):
+    order = [k for k in _FRACTIONS if k in metrics] + [k for k in metrics if k not in _FRACTIONS]
+    for key in order:
+        value = metrics[key]
+        if isinstance(value, (dict, list)):
             continue
         if isinstance(value, float) and key in _FRACTIONS:
             text = "n/a" if math.isnan(value) else f"{100 * value:.2f} %"
@@ -124,10 +126,10 @@ def _table(metrics: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v:>14}" for k, v in rows)
 
 
-_FRACTIONS = {
+_FRACTIONS = (
     "atom_stability", "molecule_stability", "validity", "validity_whole", "connectivity",
     "valid_and_connected", "uniqueness", "novelty",
-}
+)
 
 
 def _json_safe(value: Any) -> Any:
