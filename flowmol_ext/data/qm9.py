@@ -42,7 +42,7 @@ from flowmol_ext.io_utils import atomic_torch_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-PROCESSOR_VERSION = "1"
+PROCESSOR_VERSION = "2"
 SOURCES: tuple[str, ...] = ("qm9pack", "figshare", "xyz-dir", "csv")
 FLOWMOL_SPLIT_SIZES: dict[str, int] = {"train": 100_000, "val": 20_497, "test": 13_388}
 FLOWMOL_SPLIT_SEED = 42

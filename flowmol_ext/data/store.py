@@ -6,7 +6,7 @@ machines without RDKit (the GPU trainer). The files are written by :mod:`flowmol
 
 - ``manifest.json``: written last; its presence means the directory is complete.
 - ``{split}.pt``: a dict of plain tensors/lists (``weights_only`` loadable), see :class:`MoleculeStore`.
-  On disk ``bonds`` is int8 (local indices < 128) to keep the data small; it is widened to int16 here.
+  On disk atom types/charges and bonds are packed to keep the data small (see ``to_dict``).
 - ``stats.pt``: per-split statistics (:class:`DatasetStats`).
 - ``train_smiles.txt``: canonical SMILES of the training molecules, one per line (novelty).
 """
@@ -26,7 +26,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.json"
 STATS_FILE = "stats.pt"
 TRAIN_SMILES_FILE = "train_smiles.txt"
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 
 
 class DataNotProcessedError(FileNotFoundError):
@@ -120,29 +120,57 @@ class MoleculeStore:
         )
 
     def to_dict(self) -> dict:
-        """Plain dict for ``torch.save`` (bonds stored as int8)."""
-        return {
+        """Plain dict for ``torch.save``, packed to keep the files small (format 2).
+
+        ``ac`` int8 = 8 a + c; ``bonds_packed`` int16 = i << 7 | j << 2 | order when every molecule has
+        fewer than 32 atoms (else ``bonds`` int16); ``smiles`` one newline-joined string.
+        """
+        if any("\n" in s for s in self.smiles):
+            raise ValueError("a SMILES string contains a newline; cannot store it")
+        d = {
             "format": STORE_FORMAT,
             "x": self.x,
-            "a": self.a,
-            "c": self.c,
+            "ac": (self.a.to(torch.int16) * 8 + self.c.to(torch.int16)).to(torch.int8),
             "n_atoms": self.n_atoms,
-            "bonds": self.bonds.to(torch.int8),
             "n_bonds": self.n_bonds,
             "qm9_index": self.qm9_index,
-            "smiles": self.smiles,
+            "smiles": "\n".join(self.smiles),
         }
+        if len(self) == 0 or int(self.n_atoms.max()) < 32:
+            b = self.bonds.to(torch.int16)
+            d["bonds_packed"] = (b[:, 0] << 7) | (b[:, 1] << 2) | b[:, 2]
+        else:
+            d["bonds"] = self.bonds
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<memory>") -> MoleculeStore:
-        keys = ("x", "a", "c", "n_atoms", "bonds", "n_bonds", "qm9_index", "smiles")
+        """Inverse of :meth:`to_dict` (also reads the unpacked format 1)."""
+        fmt = d.get("format")
+        if fmt == 1:
+            keys = ("x", "a", "c", "n_atoms", "bonds", "n_bonds", "qm9_index", "smiles")
+        elif fmt == STORE_FORMAT:
+            keys = ("x", "ac", "n_atoms", "n_bonds", "qm9_index", "smiles")
+        else:
+            keys = ()
         missing = [k for k in keys if k not in d]
-        if missing or d.get("format") != STORE_FORMAT:
+        if fmt == STORE_FORMAT and "bonds" not in d and "bonds_packed" not in d:
+            missing.append("bonds_packed")
+        if not keys or missing:
             raise ValueError(
-                f"{source}: not a processed QM9 shard of format {STORE_FORMAT} (missing {missing}, "
-                f"format {d.get('format')!r}); rerun `fdc-mol data qm9 --force`"
+                f"{source}: not a processed QM9 shard of format 1 or {STORE_FORMAT} (missing {missing}, "
+                f"format {fmt!r}); rerun `fdc-mol data qm9 --force`"
             )
-        return cls(*(d[k] for k in keys), source=source)
+        if fmt == 1:
+            return cls(*(d[k] for k in keys), source=source)
+        ac = d["ac"].to(torch.int16)
+        if "bonds_packed" in d:
+            p = d["bonds_packed"].to(torch.int16)
+            bonds = torch.stack([(p >> 7) & 31, (p >> 2) & 31, p & 3], dim=1)
+        else:
+            bonds = d["bonds"]
+        smiles = d["smiles"].split("\n") if d["smiles"] else []
+        return cls(d["x"], ac // 8, ac % 8, d["n_atoms"], bonds, d["n_bonds"], d["qm9_index"], smiles, source=source)
 
 
 def load_split(data_dir: str | Path, split: str) -> MoleculeStore:

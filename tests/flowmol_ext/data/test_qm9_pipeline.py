@@ -233,3 +233,22 @@ def test_full_qm9_processed() -> None:
     assert st.n_molecules == n["train"] and len(st.n_atoms_hist) == 30
     total = sum((data_dir / f).stat().st_size for f in OUTPUT_FILES)
     assert total < 45e6
+
+
+def test_store_packing_round_trip_and_old_format(processed_sample: tuple[Path, dict]) -> None:
+    from flowmol_ext.data.store import MoleculeStore
+
+    out, _ = processed_sample
+    train = load_split(out, "train")
+    packed = train.to_dict()
+    assert packed["format"] == 2 and packed["bonds_packed"].dtype == torch.int16 and packed["ac"].dtype == torch.int8
+    again = MoleculeStore.from_dict(packed)
+    v1 = {"format": 1, "x": train.x, "a": train.a, "c": train.c, "n_atoms": train.n_atoms,
+          "bonds": train.bonds.to(torch.int8), "n_bonds": train.n_bonds, "qm9_index": train.qm9_index,
+          "smiles": train.smiles}
+    for other in (again, MoleculeStore.from_dict(v1)):
+        for k in ("x", "a", "c", "n_atoms", "bonds", "n_bonds", "qm9_index"):
+            assert torch.equal(getattr(other, k), getattr(train, k)), k
+        assert other.smiles == train.smiles
+    with pytest.raises(ValueError, match="not a processed QM9 shard"):
+        MoleculeStore.from_dict({"format": 2, "x": train.x}, source="s.pt")
