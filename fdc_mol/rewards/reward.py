@@ -120,7 +120,7 @@ class EnergyReward:
         ok = np.array([r.ok for r in res], dtype=bool)
         grad = [sign * r.grad if (r.ok and r.grad is not None) else None for r in res] if with_grad else None
         extras: dict[str, np.ndarray] = {}
-        names = sorted({k for r in res for k in r.extras})
+        names = sorted({k for r in res for k in r.extras} | ({"cached"} if self._cache is not None else set()))
         for k in names:
             fill = 0.0 if k == "cached" else np.nan
             extras[k] = np.array([float(r.extras.get(k, fill)) if r.ok or k == "cached" else fill for r in res])
