@@ -435,7 +435,8 @@ def format_summary(report: dict) -> str:
         head = f"Processed QM9 from {report['source']['kind']} ({report['source']['path']}) into {report['data_dir']}."
     lines = [
         head,
-        f"  records read: {report['n_records']}; uncharacterized removed: {report['n_uncharacterized_removed']}",
+        f"  records read: {report['n_records']} (QM9 indices absent from the source: {report['n_absent_from_source']});"
+        f" uncharacterized removed: {report['n_uncharacterized_removed']}",
         f"  kept: {report['n_kept']} / {report['n_input']} ({100 * report['kept_fraction']:.3f} %)"
         f" = {report['n_perceived']} perceived + {report['n_repaired']} repaired from the reference SMILES",
         f"  excluded: {report['n_excluded']}"

@@ -252,3 +252,55 @@ def test_store_packing_round_trip_and_old_format(processed_sample: tuple[Path, d
         assert other.smiles == train.smiles
     with pytest.raises(ValueError, match="not a processed QM9 shard"):
         MoleculeStore.from_dict({"format": 2, "x": train.x}, source="s.pt")
+
+
+def _xyz_text(rec: S.RawRecord, index: int | None = None) -> str:
+    """A figshare-style extended XYZ file for a record (coordinates with *^ exponents where small)."""
+
+    def num(v: float) -> str:
+        return f"{v * 1e6:.4f}*^-6" if 0 < abs(v) < 1e-3 else f"{v:.10f}"
+
+    q = rec.qm9_index if index is None else index
+    atoms = "".join(f"{el}\t{num(x)}\t{num(y)}\t{num(z)}\t0.0\n" for el, (x, y, z) in zip(rec.elements, rec.coords))
+    tail = f"100.0\t200.0\n{rec.smiles}\t{rec.smiles}\nInChI=x\tInChI=x\n"
+    return f"{len(rec.elements)}\ngdb {q}\t1.0\t2.0\n{atoms}{tail}"
+
+
+def test_figshare_and_xyz_dir_sources_give_the_csv_result(tmp_path: Path) -> None:
+    import shutil
+    import tarfile
+
+    recs = S.read_csv_file(SAMPLE_CSV)[:12]
+    csv_path = tmp_path / "small.csv"
+    lines = SAMPLE_CSV.read_text().splitlines(keepends=True)
+    csv_path.write_text("".join(lines[:13]))
+    shutil.copy(SAMPLE_UNC, tmp_path / "uncharacterized.txt")
+    xyz_dir = tmp_path / "xyz"
+    xyz_dir.mkdir()
+    for r in recs:
+        (xyz_dir / f"dsgdb9nsd_{r.qm9_index:06d}.xyz").write_text(_xyz_text(r))
+    # an uncharacterized molecule (index 58) is present in figshare but must be removed
+    (xyz_dir / "dsgdb9nsd_000058.xyz").write_text(_xyz_text(recs[0], index=58))
+    shutil.copy(SAMPLE_UNC, xyz_dir / "uncharacterized.txt")
+    tar_path = tmp_path / "dsgdb9nsd.xyz.tar.bz2"
+    with tarfile.open(tar_path, "w:bz2") as tf:
+        for f in sorted(xyz_dir.glob("*.xyz")):
+            tf.add(f, arcname=f.name)
+
+    ref = process_qm9("csv", csv_path, tmp_path / "o_csv", workers=1, progress=False)
+    fig = process_qm9("figshare", tmp_path, tmp_path / "o_fig", workers=1, progress=False)
+    xyz = process_qm9("xyz-dir", xyz_dir, tmp_path / "o_xyz", workers=1, progress=False)
+    assert ref["n_uncharacterized_removed"] == 0 and ref["n_kept"] == 12
+    for rep in (fig, xyz):
+        assert rep["n_records"] == 13 and rep["n_uncharacterized_removed"] == 1 and rep["n_kept"] == 12
+    for split in ("train", "val", "test"):
+        a = load_split(tmp_path / "o_csv", split)
+        for other in ("o_fig", "o_xyz"):
+            b = load_split(tmp_path / other, split)
+            for k in ("x", "a", "c", "n_atoms", "bonds", "qm9_index"):
+                assert torch.equal(getattr(a, k), getattr(b, k)), (other, split, k)
+            assert a.smiles == b.smiles
+    with pytest.raises(FileNotFoundError, match="uncharacterized.txt not found"):
+        (xyz_dir / "uncharacterized.txt").unlink()  # looked for in the folder and its parent
+        (tmp_path / "uncharacterized.txt").unlink()
+        process_qm9("xyz-dir", xyz_dir, tmp_path / "o_x2", workers=1, progress=False)
