@@ -42,10 +42,12 @@ def _tblite_fn(z: np.ndarray, x_A: np.ndarray, charge: int, uhf: int, s: RewardS
     calc.set("accuracy", float(s.accuracy))
     calc.set("max-iter", int(s.max_iterations))
     calc.set("temperature", float(s.electronic_temperature) * HARTREE_PER_KELVIN)
-    state: dict = {"res": None}
+    state: dict = {"res": None, "x": x_A}
 
     def energy_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
-        calc.update(positions=np.asarray(x, np.float64) / ANGSTROM_PER_BOHR)
+        if x is not state["x"]:  # the calculator already holds x_A
+            calc.update(positions=np.asarray(x, np.float64) / ANGSTROM_PER_BOHR)
+            state["x"] = x
         try:
             res = calc.singlepoint(state["res"], copy=True) if state["res"] is not None else calc.singlepoint()
         except Exception as err:  # noqa: BLE001 - TBLiteRuntimeError and friends
