@@ -86,7 +86,8 @@ def ctmc_step(
     the mask class (K = mask_index); t, dt the time and step; eta the re-masking rate η; temperature T.
     ``alpha_t``/``alpha_t_prime`` default to the linear schedule (α = t, α' = 1). With hc_thresh > 0,
     purity sampling per ``group`` (n,) (e.g. molecule index; default one group). ``draws`` replays
-    recorded randomness; otherwise draws come from ``generator`` (on the probs device) or the global RNG.
+    recorded randomness; otherwise draws come from ``generator`` (on its own device, results moved to
+    the probs device) or the global RNG.
     """
     if state.dim() != 1 or probs.dim() != 2 or probs.shape[0] != state.shape[0]:
         raise ValueError(f"state must be (n,) and probs (n, K); got {tuple(state.shape)} and {tuple(probs.shape)}")
@@ -106,9 +107,13 @@ def ctmc_step(
 
     p = temper(probs, temperature)
     if draws is None:
-        x1 = torch.multinomial(p, 1, replacement=True, generator=generator).squeeze(-1) if n else state.clone()
-        unmask_u = torch.rand(n, device=dev, generator=generator)
-        mask_u = None if last_step else torch.rand(n, device=dev, generator=generator)
+        gdev = generator.device if generator is not None else dev  # draw where the generator lives
+        if n:
+            x1 = torch.multinomial(p.to(gdev), 1, replacement=True, generator=generator).squeeze(-1).to(dev)
+        else:
+            x1 = state.clone()
+        unmask_u = torch.rand(n, device=gdev, generator=generator).to(dev)
+        mask_u = None if last_step else torch.rand(n, device=gdev, generator=generator).to(dev)
     else:
         x1, unmask_u, mask_u = draws.x1.to(dev).long(), draws.unmask_u.to(dev), draws.mask_u
         if not last_step and mask_u is None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from flowmol_ext.batch import MolBatch
 from flowmol_ext.graph import Graph, remove_com
 from flowmol_ext.model.config import ModelConfig
-from flowmol_ext.model.interpolants import Schedule, alpha, alpha_prime, sample_conditional_path
+from flowmol_ext.model.interpolants import Schedule, alpha, alpha_prime, rand_on, sample_conditional_path
 from flowmol_ext.model.loss import LossTerms, flowmol_loss, masked_targets
 from flowmol_ext.model.vector_field import VectorField
 
@@ -140,7 +140,7 @@ class FlowMol(nn.Module):
         if int(x1.e.numel()) != int(g.src.numel()):
             raise ValueError(f"x1.e must hold one class per directed edge ({g.src.numel()}); got {x1.e.numel()}")
         if t is None:
-            t = torch.rand(g.num_graphs, device=x1.x.device, generator=generator)
+            t = rand_on((g.num_graphs,), x1.x.device, generator)
         elif t.shape != (g.num_graphs,):
             raise ValueError(f"t must have shape ({g.num_graphs},); got {tuple(t.shape)}")
         alpha_t = self.schedule.alpha(t)

@@ -18,6 +18,17 @@ from flowmol_ext.graph import Graph, lower_from_upper, remove_com
 from flowmol_ext.model.config import FEATURES, CosineNu, ScheduleConfig
 
 
+def rand_on(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None,
+            normal: bool = False) -> Tensor:
+    """U[0, 1) (or N(0, 1) if ``normal``) draws made on the generator's device, returned on ``device``.
+
+    With a CPU generator the numbers are the same whichever device the model runs on.
+    """
+    gen_dev = generator.device if generator is not None else device
+    fn = torch.randn if normal else torch.rand
+    return fn(shape, device=gen_dev, generator=generator).to(device)
+
+
 def _check_kind(kind: str) -> None:
     if kind not in ("linear", "cosine"):
         raise ValueError(f"unknown schedule {kind!r}; valid: 'linear', 'cosine'")
@@ -86,11 +97,7 @@ def sample_conditional_path(
         raise ValueError(f"alpha_t must have shape ({g.num_graphs}, 4), got {tuple(alpha_t.shape)}")
     if draws is None:
         dev = x0.device
-        draws = (
-            torch.rand(n, device=dev, generator=generator),
-            torch.rand(n, device=dev, generator=generator),
-            torch.rand(n_up, device=dev, generator=generator),
-        )
+        draws = (rand_on((n,), dev, generator), rand_on((n,), dev, generator), rand_on((n_up,), dev, generator))
     u_a, u_c, u_e = draws
     if u_a.shape != (n,) or u_c.shape != (n,) or u_e.shape != (n_up,):
         raise ValueError(f"draws must have shapes ({n},), ({n},), ({n_up},)")
@@ -102,10 +109,15 @@ def sample_conditional_path(
     return ConditionalPath(x_t=x_t, a_t=a_t, c_t=c_t, e_t=lower_from_upper(e_up, g))
 
 
-def centered_normal_prior(graph: Graph, generator: torch.Generator | None = None, device=None) -> Tensor:  # noqa: ANN001
-    """Standard normal positions (N, 3) Å with each molecule's COM removed (one randn draw)."""
-    dev = device if device is not None else graph.node_graph.device
-    x = torch.randn(graph.num_nodes, 3, device=dev, generator=generator)
+def centered_normal_prior(
+    graph: Graph, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """Standard normal positions (N, 3) Å with each molecule's COM removed (one randn draw).
+
+    Returned on ``device`` (default: the graph's); drawn on the generator's device.
+    """
+    dev = torch.device(device) if device is not None else graph.node_graph.device
+    x = rand_on((graph.num_nodes, 3), dev, generator, normal=True)
     return remove_com(x, graph.node_graph.to(dev), graph.num_graphs)
 
 
@@ -150,6 +162,8 @@ def aligned_prior(batch: MolBatch, generator: torch.Generator | None = None) -> 
     Hungarian permutation against x₁, Kabsch rotation onto x₁. Draws on the CPU generator (or the
     global CPU RNG), result moved to the batch device. ``batch.x`` must be COM-free.
     """
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"aligned_prior draws on the CPU; got a generator on {generator.device}")
     x1_all = batch.x.detach().cpu()
     out = []
     start = 0
