@@ -126,7 +126,8 @@ class Wasserstein1:
     """W₁(p, p_pre) for the metric ‖A(x − y)‖₂ by a WGAN-GP critic; ∇δW₁ = ∇φ*.
 
     critic: MLP d → hidden → ReLU → hidden → ReLU → 1; Adam(lr, betas (0.5, 0.9)); loss
-    −(E_p φ − E_pre φ) + λ_GP E[(‖A⁻¹∇φ‖ − 1)²] at random interpolates ([code] dual norm).
+    −(E_p φ − E_pre φ) + λ_GP E[(‖A⁻¹∇φ‖ − 1)²] at random interpolates ([code] dual norm); the
+    trained critic is divided by its mean dual gradient norm (removes the GP's W/(2λ_GP) inflation).
     anisotropy: the diagonal of A (None = Euclidean). value: E_p φ − E_pre φ on fresh samples.
     """
 
@@ -180,11 +181,25 @@ class Wasserstein1:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        with torch.no_grad():
-            est = float(critic(xp).mean() - critic(xq).mean())
         for p in net.parameters():
             p.requires_grad_(False)
-        return critic, est
+        # The two-sided penalty lets ‖A⁻¹∇φ‖ settle near 1 + W/(2λ_GP), not 1: rescale the critic by its
+        # mean dual gradient norm on interpolates so that it is (on average) 1-Lipschitz in d_A.
+        n = min(xp.shape[0], xq.shape[0], 2000)
+        u = torch.rand(n, 1)
+        xi = (u * xp[:n] + (1 - u) * xq[:n]).requires_grad_(True)
+        with torch.enable_grad():
+            (gi,) = torch.autograd.grad(critic(xi).sum(), xi)
+        if a_inv is not None:
+            gi = gi * a_inv
+        c = float(gi.norm(dim=-1).mean().clamp_min(1e-6))
+
+        def unit_critic(x: Tensor) -> Tensor:
+            return critic(x) / c
+
+        with torch.no_grad():
+            est = float(unit_critic(xp).mean() - unit_critic(xq).mean())
+        return unit_critic, est
 
     def fit(self, ctx: FitContext) -> Fitted:
         if ctx.sample_pre is None:

@@ -1,0 +1,148 @@
+"""Adjoint matching: schedule, subset, lean adjoint vs autograd, loss minimiser, sign, Gaussian tilt."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fdc_mol.fdc.adjoint_matching import (
+    AMConfig,
+    am_loss,
+    am_loss_for_trajectory,
+    am_step,
+    lean_adjoint,
+    timestep_subset,
+)
+from fdc_mol.fdc.flow import FlowModel, LinearSchedule, TensorFlow
+from fdc_mol.toy.flows import GMMVelocity, make_gmm_flow
+
+
+def test_linear_schedule_values_and_safe_sigma():
+    s = LinearSchedule()
+    t = torch.tensor([0.25, 0.5, 0.8])
+    assert torch.allclose(s.kappa(t), 1 / t)
+    assert torch.allclose(s.eta(t), (1 - t) / t)
+    assert torch.allclose(s.sigma(t), torch.sqrt(2 * (1 - t) / t))
+    assert float(s.sigma(torch.tensor(1.0))) == 0.0
+    assert math.isfinite(float(s.sigma(torch.tensor(0.0), h=0.025)))
+    assert float(s.sigma(torch.tensor(0.0), h=0.025)) == pytest.approx(math.sqrt(2 / 0.025))
+
+
+def test_timestep_subset_data_end_and_no_endpoints():
+    g = torch.Generator().manual_seed(0)
+    idx = timestep_subset(40, 0.25, 0.25, g)
+    assert idx.min() >= 1 and idx.max() <= 39
+    assert set(range(30, 40)) <= set(idx.tolist())  # last 25% of 1..39 (ceil 9.75 = 10)
+    assert len(idx) == 10 + round(0.25 * 29)
+    with pytest.raises(ValueError):
+        timestep_subset(1)
+
+
+def test_flow_score_matches_exact_gmm_score():
+    flow = make_gmm_flow([[1.0, 0.0], [-1.0, 0.5]], [0.3, 0.5], [0.3, 0.7])
+    x = torch.randn(50, 2)
+    exact = flow.net.pre.score(x, 0.7)
+    assert torch.allclose(flow.score(x, 0.7), exact, atol=1e-4)
+    with pytest.raises(ValueError):
+        flow.score(x, 1.0)
+
+
+def test_memoryless_sampler_reproduces_data_marginal():
+    flow = make_gmm_flow([[0.5]], [0.8], [1.0])
+    x = flow.sample(20000, 40, memoryless=True, record=False).x1
+    assert float(x.mean()) == pytest.approx(0.5, abs=0.03)
+    assert float(x.var()) == pytest.approx(0.64, rel=0.05)
+    assert isinstance(flow, FlowModel)
+
+
+def test_lean_adjoint_equals_autograd_of_euler_map():
+    """ã_k = −∂g(X_T)/∂X_k for the Euler map X_{k+1} = X_k + h b(X_k, t_k) (noise is additive)."""
+    torch.manual_seed(1)
+    flow = make_gmm_flow([[1.0, 0.0], [-1.0, 0.5]], [0.3, 0.5], [0.3, 0.7])
+    with torch.no_grad():
+        for p in flow.net.mlp.parameters():
+            p.normal_(0, 0.3)
+    traj = flow.sample(8, 10, memoryless=True, record=True)
+    w = torch.tensor([0.7, -1.3])
+    g = lambda x: (x @ w).sin().sum()  # noqa: E731
+    x1 = traj.x1.clone().requires_grad_(True)
+    (grad_g,) = torch.autograd.grad(g(x1), x1)
+    adj, v_base = lean_adjoint(flow, traj, grad_g)
+    T, h, s = traj.steps, 1.0 / traj.steps, flow.schedule
+    def b(x, j):
+        t = float(traj.times[j])
+        return 2 * flow.velocity(x, t) - s.kappa(torch.tensor(t), h) * x
+
+    with torch.no_grad():  # the recorded noise increments, held fixed
+        noise = [traj.xs[j + 1] - traj.xs[j] - h * b(traj.xs[j], j) for j in range(T)]
+    for k in (T - 1, T // 2, 1):
+        xk = traj.xs[k].clone().requires_grad_(True)
+        x = xk
+        for j in range(k, T):
+            x = x + h * b(x, j) + noise[j]
+        (dk,) = torch.autograd.grad(g(x), xk)
+        assert torch.allclose(adj[k], -dk, atol=1e-5), k
+    assert torch.allclose(v_base[3], flow.velocity(traj.xs[3], float(traj.times[3])).detach())
+
+
+def test_am_loss_zero_at_minimiser_and_clip():
+    flow = make_gmm_flow([[0.0, 0.0]], [1.0], [1.0])
+    traj = flow.sample(4, 10, memoryless=True, record=True)
+    adj = torch.randn_like(traj.xs)
+    v_base = torch.randn_like(traj.xs)
+    sigma = 0.7
+    v_star = v_base[5] - sigma**2 * adj[5] / 2  # Δv* = −σ² ã / 2
+    assert torch.allclose(am_loss(v_star, v_base[5], adj[5], sigma, traj, None), torch.zeros(4), atol=1e-10)
+    big = am_loss(v_star + 10.0, v_base[5], adj[5], sigma, traj, None)
+    clipped = am_loss(v_star + 10.0, v_base[5], adj[5], sigma, traj, 1.5)
+    assert torch.all(big > 1.5) and torch.allclose(clipped, torch.full((4,), 1.5))
+    # the loss over a trajectory is differentiable in the fine model's parameters
+    loss = am_loss_for_trajectory(flow, traj, adj, v_base, torch.tensor([5, 9]))
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in flow.parameters())
+    with pytest.raises(ValueError):
+        am_loss_for_trajectory(flow, traj, adj, v_base, torch.tensor([0]))
+
+
+def test_sign_linear_reward_mean_rises():
+    """Under AM with r = x₀ (λ = 1) the mean of x₀ rises (the released code's sign makes it fall)."""
+    torch.manual_seed(0)
+    fine = make_gmm_flow([[0.5, 0.0]], [0.8], [1.0], hidden=32)
+    base = fine.copy_frozen()
+    before = float(fine.sample(4000, 20, memoryless=True, record=False).x1[:, 0].mean())
+    opt = torch.optim.Adam(fine.parameters(), lr=1e-2)
+    grad = lambda x, tr: torch.tensor([1.0, 0.0]).expand_as(x)  # noqa: E731
+    for _ in range(40):
+        am_step(fine, base, grad, AMConfig(n_traj=32, steps=20), opt)
+    after = float(fine.sample(4000, 20, memoryless=True, record=False).x1[:, 0].mean())
+    assert after > before + 0.2  # closed form: +σ²λ = +0.64
+
+
+@pytest.mark.slow
+def test_kl_regularised_am_matches_tilted_gaussian():
+    """p_pre = N(0.5, 0.8²), r = x − x²/2, α = 1 (λ = 1/α): p* ∝ p_pre e^{r/α} = N(0.6951, 0.3902)."""
+    torch.manual_seed(0)
+    mu, s, a, c, alpha = 0.5, 0.8, 1.0, 1.0, 1.0
+    P = 1 / s**2 + c / alpha
+    mean_star, var_star = (mu / s**2 + a / alpha) / P, 1 / P
+    fine = make_gmm_flow([[mu]], [s], [1.0], hidden=32)
+    base = fine.copy_frozen()
+    cfg = AMConfig(n_traj=64, steps=STEPS)
+    opt = torch.optim.Adam(fine.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ITERS)
+    for _ in range(ITERS):
+        am_step(fine, base, lambda x, tr: (a - c * x) / alpha, cfg, opt, lam=1 / alpha)
+        sched.step()
+    x = fine.sample(40000, STEPS, memoryless=True, record=False).x1
+    assert float(x.mean()) == pytest.approx(mean_star, rel=0.05)
+    assert float(x.var()) == pytest.approx(var_star, rel=0.05)
+
+
+def test_tensorflow_input_checks():
+    flow = TensorFlow(GMMVelocity([[0.0]], [1.0], [1.0]), dim=1)
+    with pytest.raises(ValueError):
+        flow.sample(0, 10)
+    with pytest.raises(ValueError):
+        GMMVelocity([[0.0]], [-1.0], [1.0])
