@@ -225,9 +225,9 @@ def perceive(qm9_index: int, elements: tuple[str, ...], coords: np.ndarray, ref_
     result = None
     if graph is not None:
         try:
-            mol = graph_mol(elements, *graph)
-            if canonical_smiles(mol) == ref_key:
-                result = (graph[0], graph[1], mol)
+            smiles = canonical_smiles(graph_mol(elements, *graph))
+            if smiles == ref_key:
+                result = (graph[0], graph[1], smiles)
         except Exception:  # noqa: BLE001
             result = None
     if result is None:
@@ -245,10 +245,11 @@ def perceive(qm9_index: int, elements: tuple[str, ...], coords: np.ndarray, ref_
             mol = graph_mol(elements, charges, bonds)
         except Exception:  # noqa: BLE001
             return Perceived(qm9_index, "excluded", R_NO_MATCH)
-        if canonical_smiles(mol) != ref_key:
+        smiles = canonical_smiles(mol)
+        if smiles != ref_key:
             return Perceived(qm9_index, "excluded", R_NO_MATCH)
-        result = (charges, bonds, mol)
-    charges, bonds, mol = result
+        result = (charges, bonds, smiles)
+    charges, bonds, smiles = result
     if any(q not in CHARGES for q in charges):
         return Perceived(qm9_index, "excluded", R_CHARGE)
     if any(o not in (1, 2, 3) for _, _, o in bonds):
@@ -258,7 +259,7 @@ def perceive(qm9_index: int, elements: tuple[str, ...], coords: np.ndarray, ref_
         status,
         charges=np.asarray(charges, dtype=np.int8),
         bonds=np.asarray(bonds, dtype=np.int8).reshape(-1, 3),
-        smiles=canonical_smiles(mol),
+        smiles=smiles,
         n_spurious=n_spurious,
     )
 
