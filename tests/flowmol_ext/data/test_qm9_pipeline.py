@@ -102,6 +102,7 @@ def test_processed_sample_outputs(processed_sample: tuple[Path, dict]) -> None:
     assert report["n_kept"] == 312 and report["n_excluded"] == 0 and report["excluded"] == {}
     assert report["n_perceived"] == 301 and report["n_repaired"] == 11
     assert {s: c["kept"] for s, c in report["splits"].items()} == {"train": 226, "val": 54, "test": 32}
+    assert report["n_absent_from_source"] == 133_885 - 312 and report["n_absent_uncharacterized"] == 3054
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["source"]["sha256"] == "75253c5774a782f69f8f3eea25f1357076de5fac51649e93400011f6e6f8df02"
     assert manifest["processor_version"] and set(manifest["files"]) == set(OUTPUT_FILES)

@@ -240,3 +240,28 @@ def test_duplicate_index_is_an_error(tmp_path: Path) -> None:
     bad = _write_rows(tmp_path / "dup.csv", header, rows[:4] + rows[2:3])
     with pytest.raises(S.QM9FormatError, match=r"line 6 \(record 5\) \(QM9 index 3\): duplicate QM9 index 3"):
         process_qm9("csv", bad, tmp_path / "out", workers=1, progress=False)
+
+
+def test_fetch_downloads_with_pip_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    src = _fake_wheel(tmp_path / "src.whl")
+    sha = S.sha256_file(src)
+    calls = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / S.QM9PACK_WHEEL).write_bytes(src.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    cache = tmp_path / "cache"
+    wheel = S.fetch_qm9pack(cache, expected_sha256=sha)
+    assert wheel == cache / S.QM9PACK_WHEEL and S.sha256_file(wheel) == sha
+    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and "qm9pack==1.0.3" in calls[0]
+    # a download with the wrong checksum is deleted, not kept in the cache
+    cache2 = tmp_path / "cache2"
+    with pytest.raises(S.ChecksumError, match="does not match"):
+        S.fetch_qm9pack(cache2, expected_sha256="f" * 64)
+    assert not (cache2 / S.QM9PACK_WHEEL).exists()
