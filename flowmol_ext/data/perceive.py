@@ -265,8 +265,18 @@ def perceive(qm9_index: int, elements: tuple[str, ...], coords: np.ndarray, ref_
 
 
 def perceive_chunk(chunk: list[tuple[int, tuple[str, ...], np.ndarray, str]]) -> list[Perceived]:
-    """Process-pool task: :func:`perceive` over a list of (index, elements, coords, smiles)."""
-    return [perceive(*item) for item in chunk]
+    """Process-pool task: :func:`perceive` over a list of (index, elements, coords, smiles).
+
+    An unexpected RDKit error on one molecule excludes that molecule with reason
+    ``perception_error:<type>`` (counted in the report) instead of aborting the whole run.
+    """
+    out = []
+    for item in chunk:
+        try:
+            out.append(perceive(*item))
+        except Exception as err:  # noqa: BLE001 - reported per molecule, never silent
+            out.append(Perceived(item[0], "excluded", f"perception_error:{type(err).__name__}"))
+    return out
 
 
 def type_indices(elements: tuple[str, ...]) -> np.ndarray:

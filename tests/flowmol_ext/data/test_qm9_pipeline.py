@@ -305,3 +305,16 @@ def test_figshare_and_xyz_dir_sources_give_the_csv_result(tmp_path: Path) -> Non
         (xyz_dir / "uncharacterized.txt").unlink()  # looked for in the folder and its parent
         (tmp_path / "uncharacterized.txt").unlink()
         process_qm9("xyz-dir", xyz_dir, tmp_path / "o_x2", workers=1, progress=False)
+
+
+def test_unexpected_error_is_an_exclusion_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowmol_ext.data import perceive as P
+
+    rec = S.read_csv_file(SAMPLE_CSV)[1]
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("rdkit exploded")
+
+    monkeypatch.setattr(P, "perceive", boom)
+    (res,) = P.perceive_chunk([(rec.qm9_index, rec.elements, rec.coords, rec.smiles)])
+    assert res.status == "excluded" and res.reason == "perception_error:RuntimeError" and res.qm9_index == 2
