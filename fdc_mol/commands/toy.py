@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         if cfg.setting != s:
             raise ValueError(f"config {args.config} is for setting {cfg.setting!r}, not {s!r}")
         if args.quick:
-            cfg = cfg.model_copy(update={"steps_per_iter": 2, "n_fit": 200, "n_eval": 300, "n_traj": 8,
-                                         "steps": 8, "critic_steps": 5})
+            cfg = cfg.model_copy(
+                update={"steps_per_iter": 2, "n_fit": 200, "n_eval": 300, "n_traj": 8, "steps": 8, "critic_steps": 5}
+            )
         sdir = out / s
         start_run(f"toy {s}", seed=0, config=cfg, run_dir=sdir)
         per: dict = {"pre": [], "am": [], "fdc": []}
@@ -79,10 +80,19 @@ def run(args: argparse.Namespace) -> int:
             for m in secs:
                 secs[m].append(res["seconds"][m])
             if seed == 0:
-                plot_setting(s, landscape(s), res["samples"], sdir / f"{s}_samples.png",
-                             title=f"{s}: samples over the landscape (seed 0)")
-            print(f"[{s}] seed {seed}: " + json.dumps({m: res["metrics"][m] for m in per}) +
-                  f" ({time.time() - t0:.0f}s)", flush=True)
+                plot_setting(
+                    s,
+                    landscape(s),
+                    res["samples"],
+                    sdir / f"{s}_samples.png",
+                    title=f"{s}: samples over the landscape (seed 0)",
+                )
+            print(
+                f"[{s}] seed {seed}: "
+                + json.dumps({m: res["metrics"][m] for m in per})
+                + f" ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
         summary[s] = {"config": cfg.model_dump(), "per_seed": per, "seconds": secs}
         for key in KEYS[s]:
             row = [_fmt([d[key] for d in per[m]]) for m in ("pre", "am", "fdc")]

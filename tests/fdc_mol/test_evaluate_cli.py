@@ -50,7 +50,8 @@ def test_sdf_written_by_rdkit_directly(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_sdf_written_by_our_writer_with_broken_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_sdf(
-        tmp_path / "ours.sdf", [molecule("CCO"), ch5(), methyl_radical(), molecule("CC#N")],
+        tmp_path / "ours.sdf",
+        [molecule("CCO"), ch5(), methyl_radical(), molecule("CC#N")],
         [{"energy_Eh": float("nan")}, {}, {}, {"reason": "none"}],
     )
     with open(path, "a") as fh:
@@ -114,8 +115,14 @@ def processed_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The committed QM9 sample run through the real data pipeline (bond perception + SMILES repair)."""
     qm9 = pytest.importorskip("flowmol_ext.data.qm9")
     d = tmp_path_factory.mktemp("qm9_processed")
-    qm9.process_qm9(source="csv", path=QM9_SAMPLE_DIR / "qm9_sample.csv", data_dir=d, cache_dir=d / "cache",
-                    workers=1, progress=False)
+    qm9.process_qm9(
+        source="csv",
+        path=QM9_SAMPLE_DIR / "qm9_sample.csv",
+        data_dir=d,
+        cache_dir=d / "cache",
+        workers=1,
+        progress=False,
+    )
     return d
 
 

@@ -57,7 +57,7 @@ def test_v3000_keeps_more_precision(tmp_path: Path) -> None:
 
 def test_radical_stays_a_radical(tmp_path: Path) -> None:
     write_sdf(tmp_path / "r.sdf", [methyl_radical()])
-    (mol, _), = read_sdf(tmp_path / "r.sdf")
+    ((mol, _),) = read_sdf(tmp_path / "r.sdf")
     assert from_rdkit(mol).bonds.shape[0] == 3
 
 

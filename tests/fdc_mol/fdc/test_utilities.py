@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fdc_mol.fdc.density import KDE
-from fdc_mol.fdc.divergences import KL, Renyi, Objective
+from fdc_mol.fdc.divergences import KL, Objective, Renyi
 from fdc_mol.fdc.utilities import (
     ADesign,
     CVaR,
@@ -22,7 +22,6 @@ from fdc_mol.fdc.utilities import (
     weighted_quantile,
 )
 from fdc_mol.toy.flows import make_gmm_flow
-
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +74,10 @@ def test_reward_gradient_fields_with_nan_and_factors():
     r[:5] = math.nan
     grads = torch.ones_like(x)
     ctx = FitContext(x=x, reward=lambda xx, tr: (xx[:, 0] + 0 * xx[:, 1], torch.ones_like(xx)))
-    for util, coef in ((CVaR(0.05), lambda rr, q: (rr <= q) / 0.05), (SuperQuantile(0.95), lambda rr, q: (rr >= q) / 0.05)):
+    for util, coef in (
+        (CVaR(0.05), lambda rr, q: (rr <= q) / 0.05),
+        (SuperQuantile(0.95), lambda rr, q: (rr >= q) / 0.05),
+    ):
         st = util.stats(r[torch.isfinite(r)])
         g = util.first_variation_grad(x, r, grads, st)
         assert torch.all(g[:5] == 0)  # NaN rewards: no gradient
@@ -148,8 +150,10 @@ def test_kde_log_prob_and_gradient():
     ref = torch.randn(300, 2)
     kde = KDE(bandwidth=0.5).fit(ref)
     x = torch.randn(5, 2)
-    manual = torch.logsumexp(-0.5 * ((x[:, None] - ref[None]) / 0.5).pow(2).sum(-1), -1) - math.log(300) - math.log(
-        2 * math.pi * 0.25
+    manual = (
+        torch.logsumexp(-0.5 * ((x[:, None] - ref[None]) / 0.5).pow(2).sum(-1), -1)
+        - math.log(300)
+        - math.log(2 * math.pi * 0.25)
     )
     assert torch.allclose(kde.log_prob(x), manual)
     eps = 1e-6

@@ -49,8 +49,10 @@ def molecule_from_xyz(elements: list[str], xyz: np.ndarray, with_bonds: bool = T
         rows = [[min(i, j), max(i, j), o] for i, j, o in rows]
         bonds = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
     return Molecule(
-        x=torch.tensor(xyz, dtype=torch.float32), a=a,
-        c=torch.full((len(elements),), CHARGE_OFFSET, dtype=torch.long), bonds=bonds,
+        x=torch.tensor(xyz, dtype=torch.float32),
+        a=a,
+        c=torch.full((len(elements),), CHARGE_OFFSET, dtype=torch.long),
+        bonds=bonds,
     )
 
 

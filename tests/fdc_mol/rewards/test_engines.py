@@ -74,13 +74,17 @@ def _fd_check(method: str, engine: str, mol, step: float = 1e-3, tol: float = 1e
     return err
 
 
-@pytest.mark.parametrize(("method", "engine"), [("gfn1", "tblite"), ("gfn2", "tblite"), ("gfn2", "xtb"),
-                                                ("mmff94", "rdkit")])
+@pytest.mark.parametrize(
+    ("method", "engine"), [("gfn1", "tblite"), ("gfn2", "tblite"), ("gfn2", "xtb"), ("mmff94", "rdkit")]
+)
 def test_gradient_matches_central_differences(method: str, engine: str) -> None:
     rows = qm9_rows(50)
     for idx in (2, 49):  # water, pyrrole
-        err = _fd_check(method, engine, rows[idx][:2], accuracy=0.01) if method != "mmff94" else \
-            _fd_check(method, engine, rows[idx][:2])
+        err = (
+            _fd_check(method, engine, rows[idx][:2], accuracy=0.01)
+            if method != "mmff94"
+            else _fd_check(method, engine, rows[idx][:2])
+        )
         print(f"{method}/{engine} row {idx}: max |FD - analytic| = {err:.2e} Eh/Å")
 
 

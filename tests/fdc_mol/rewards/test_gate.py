@@ -19,7 +19,9 @@ def _mol(symbols: str, xyz, bonds=(), charges=None) -> Molecule:
     a = torch.tensor([types.get(s, 7) for s in symbols], dtype=torch.long)
     c = torch.tensor([2 + q for q in (charges or [0] * len(symbols))], dtype=torch.long)
     return Molecule(
-        x=torch.tensor(np.asarray(xyz, dtype=np.float64).reshape(-1, 3), dtype=torch.float32), a=a, c=c,
+        x=torch.tensor(np.asarray(xyz, dtype=np.float64).reshape(-1, 3), dtype=torch.float32),
+        a=a,
+        c=c,
         bonds=torch.tensor(list(bonds), dtype=torch.long).reshape(-1, 3),
     )
 
@@ -36,16 +38,34 @@ def _bad_inputs() -> dict[str, tuple[Molecule, str]]:
     exploded.x[1, 2] = 1e6
     unknown = _water()
     unknown.a[1] = 7
-    empty = Molecule(x=torch.zeros(0, 3), a=torch.zeros(0, dtype=torch.long), c=torch.zeros(0, dtype=torch.long),
-                     bonds=torch.zeros(0, 3, dtype=torch.long))
-    methyl = _mol("CHHH", [[0, 0, 0], [1.09, 0, 0], [-0.545, 0.944, 0], [-0.545, -0.944, 0]],
-                  bonds=[(0, 1, 1), (0, 2, 1), (0, 3, 1)])
+    empty = Molecule(
+        x=torch.zeros(0, 3),
+        a=torch.zeros(0, dtype=torch.long),
+        c=torch.zeros(0, dtype=torch.long),
+        bonds=torch.zeros(0, 3, dtype=torch.long),
+    )
+    methyl = _mol(
+        "CHHH",
+        [[0, 0, 0], [1.09, 0, 0], [-0.545, 0.944, 0], [-0.545, -0.944, 0]],
+        bonds=[(0, 1, 1), (0, 2, 1), (0, 3, 1)],
+    )
     nan = _water()
     nan.x[0, 1] = float("nan")
     # ethane with a C=C double bond: pentavalent carbons, even electron count (18)
-    pentavalent = _mol("CCHHHHHH", [[0, 0, 0], [1.5, 0, 0], [-0.4, 1.0, 0], [-0.4, -0.5, 0.9], [-0.4, -0.5, -0.9],
-                                    [1.9, 1.0, 0], [1.9, -0.5, 0.9], [1.9, -0.5, -0.9]],
-                       bonds=[(0, 1, 2), (0, 2, 1), (0, 3, 1), (0, 4, 1), (1, 5, 1), (1, 6, 1), (1, 7, 1)])
+    pentavalent = _mol(
+        "CCHHHHHH",
+        [
+            [0, 0, 0],
+            [1.5, 0, 0],
+            [-0.4, 1.0, 0],
+            [-0.4, -0.5, 0.9],
+            [-0.4, -0.5, -0.9],
+            [1.9, 1.0, 0],
+            [1.9, -0.5, 0.9],
+            [1.9, -0.5, -0.9],
+        ],
+        bonds=[(0, 1, 2), (0, 2, 1), (0, 3, 1), (0, 4, 1), (1, 5, 1), (1, 6, 1), (1, 7, 1)],
+    )
     two = _mol("OHHOHH", np.r_[w.x.numpy(), w.x.numpy() + 3.0], bonds=[(0, 1, 1), (0, 2, 1), (3, 4, 1), (3, 5, 1)])
     carbene = _mol("CHH", [[0, 0, 0], [1.09, 0, 0], [-0.4, 1.0, 0]], bonds=[(0, 1, 1), (0, 2, 1)])
     return {
@@ -89,8 +109,15 @@ def test_scf_non_convergence_is_a_failure_not_zero() -> None:
 @pytest.mark.parametrize("engine", ["tblite", "xtb"])
 def test_engine_errors_are_caught_with_the_gate_off(engine: str) -> None:
     """Garbage that bypasses the gate still gives NaN + the engine's reason, quickly."""
-    off = dict(sanitize=False, min_distance_A=None, require_connected=False, max_abs_coordinate_A=1e9,
-               max_iterations=30, executor="serial", engine=engine)
+    off = dict(
+        sanitize=False,
+        min_distance_A=None,
+        require_connected=False,
+        max_abs_coordinate_A=1e9,
+        max_iterations=30,
+        executor="serial",
+        engine=engine,
+    )
     overlap = _water()
     overlap.x[2] = overlap.x[0]
     exploded = _water()

@@ -133,8 +133,9 @@ def test_dask_local_cluster_on_loopback(qm9_molecules) -> None:
     distributed = pytest.importorskip("distributed")
     mols = qm9_molecules[:12]
     ref = _reference(mols)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, silence_logs=50) as cluster:
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=None, silence_logs=50
+    ) as cluster:
         port = cluster.scheduler_address.rsplit(":", 1)[1]
         with make_reward("gfn2", executor=f"dask://127.0.0.1:{port}", chunk_size=4) as reward:
             res = reward(mols[::-1])
