@@ -57,6 +57,7 @@ class TrainConfig(StrictModel):
     precision: str = "32-true"
     tensorboard: bool = False
     num_threads: int | None = None  # torch intra-op threads on CPU
+    float32_matmul_precision: str = "highest"  # "high" allows TF32 matmuls on Ampere+ GPUs
 
 
 class PretrainConfig(StrictModel):
@@ -199,6 +200,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
                          "or choose another train.run_dir")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    torch.set_float32_matmul_precision(tc.float32_matmul_precision)
     pl.seed_everything(tc.seed, workers=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

@@ -193,12 +193,15 @@ def sample_molecules(
 
     if n < 1:
         raise ValueError(f"number of molecules must be >= 1, got {n}")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    size_gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    # Flow randomness is drawn on the model's device so CPU and CUDA runs are each reproducible.
+    gen = torch.Generator(device=device).manual_seed(seed + 1) if seed is not None else None
     if n_atoms is None:
-        hist = getattr(model, "metadata", {}).get("n_atoms_hist")
+        hist = (getattr(model, "metadata", None) or {}).get("n_atoms_hist")
         if hist is None:
             raise ValueError("the model carries no atom-count histogram; pass n_atoms explicitly")
-        sizes = sample_n_atoms(torch.as_tensor(hist), n, gen)
+        sizes = sample_n_atoms(torch.as_tensor(hist), n, size_gen)
     elif isinstance(n_atoms, int):
         sizes = torch.full((n,), n_atoms, dtype=torch.long)
     else:
