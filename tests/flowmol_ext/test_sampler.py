@@ -63,7 +63,8 @@ def test_same_seed_same_molecules(model: FlowMol, device: torch.device) -> None:
     m1 = sample_molecules(model, 4, cfg, seed=11, progress=False, device=device)
     m2 = sample_molecules(model, 4, cfg, seed=11, progress=False, device=device)
     m3 = sample_molecules(model, 4, cfg, seed=12, progress=False, device=device)
-    assert all(torch.equal(a.x, b.x) and torch.equal(a.a, b.a) and torch.equal(a.bonds, b.bonds) for a, b in zip(m1, m2))
+    assert all(torch.equal(a.x, b.x) and torch.equal(a.a, b.a) and torch.equal(a.bonds, b.bonds)
+               for a, b in zip(m1, m2))
     assert any(a.n_atoms != b.n_atoms or not torch.equal(a.x, b.x) for a, b in zip(m1, m3))
 
 
