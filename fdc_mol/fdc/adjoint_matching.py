@@ -128,7 +128,7 @@ def am_loss_for_trajectory(
     if traj.xs is None:
         raise ValueError("am_loss_for_trajectory needs a recorded trajectory")
     h = 1.0 / traj.steps
-    total = torch.zeros(traj.n, dtype=traj.xs.dtype)
+    total = torch.zeros(traj.n, dtype=traj.xs.dtype, device=traj.xs.device)
     for k in indices.tolist():
         if not 1 <= k <= traj.steps - 1:
             raise ValueError(f"timestep index {k} outside 1..{traj.steps - 1} (t = 0 and t = 1 are excluded)")
