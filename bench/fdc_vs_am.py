@@ -11,6 +11,7 @@ row is iteration 0 (identical in both runs of a seed: same seed, same sizes).
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import math
 import time
@@ -41,22 +42,34 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
     ap.add_argument("--fdc-config", default="configs/fdc_demo_cpu.yaml")
     ap.add_argument("--am-config", default="configs/am_demo_cpu.yaml")
+    ap.add_argument("--only", choices=["FDC", "AM"], help="run one method (e.g. FDC and AM in two processes)")
+    ap.add_argument("--summarize", action="store_true", help="only print the table from finished run dirs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results: dict[str, list[dict]] = {"pre-trained": [], "AM": [], "FDC": []}
     t0 = time.time()
-    for seed in args.seeds:
-        for name, path in (("FDC", args.fdc_config), ("AM", args.am_config)):
+    methods = [(n, p) for n, p in (("FDC", args.fdc_config), ("AM", args.am_config)) if args.only in (None, n)]
+    for seed in [] if args.summarize else args.seeds:
+        for name, path in methods:
             run_dir = str(args.out / f"{name.lower()}_s{seed}")
             cfg = load_config(FinetuneConfig, path, {"seed": seed, "run_dir": run_dir})
             rows = run_finetune(cfg, print_table=False)
+            print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: " +
+                  ", ".join(f"{k}={rows[-1][k]:.4g}" for k, _ in COLS), flush=True)
+    results: dict[str, list[dict]] = {"pre-trained": [], "AM": [], "FDC": []}
+    for seed in args.seeds:
+        for name in ("FDC", "AM"):
+            path = args.out / f"{name.lower()}_s{seed}" / "metrics.csv"
+            if not path.is_file():
+                continue
+            with open(path) as fh:
+                rows = [{k: (int(v) if k == "iteration" else float(v)) for k, v in r.items()}
+                        for r in csv.DictReader(fh)]
             results[name].append(rows[-1])
             if name == "FDC":
                 results["pre-trained"].append(rows[0])
-            print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: " +
-                  ", ".join(f"{k}={rows[-1][k]:.4g}" for k, _ in COLS), flush=True)
     steps = load_config(FinetuneConfig, args.fdc_config)
-    print(f"\n{len(args.seeds)} seeds; FDC: K={steps.K} x {steps.am_steps_per_iteration} AM steps; "
+    print(f"\n{len(results['FDC'])} FDC and {len(results['AM'])} AM runs (seeds {args.seeds}); "
+          f"FDC: K={steps.K} x {steps.am_steps_per_iteration} AM steps; "
           f"AM: same number of steps; {steps.n_fit} samples per evaluation; total {time.time() - t0:.0f} s")
     print(format_table(["model", *[c for _, c in COLS]],
                        [[name, *[mean_std([r[k] for r in rows]) for k, _ in COLS]] for name, rows in results.items()]))

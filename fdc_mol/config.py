@@ -60,7 +60,8 @@ class FinetuneConfig(StrictModel):
     n_fit: int = Field(5000, ge=8, description="samples per outer iteration to estimate quantiles and metrics")
     sample_steps: int = Field(40, ge=2, description="integration steps of the fit/evaluation samples")
     n_atoms: int | None = Field(None, ge=2, description="fixed molecule size; default: the training histogram")
-    trainable: Literal["all", "positions"] = "all"
+    trainable: Literal["all", "positions"] = Field(
+        "positions", description="positions = only the position updaters ([FE] App. G.5.1); all = every parameter")
     am: AMConfig = Field(default_factory=lambda: AMConfig(n_traj=64, steps=40, lct=None, grad_clip_norm=1.0))
     sampler: MolSamplerConfig = Field(default_factory=MolSamplerConfig)
     reward: EnergyRewardConfig = Field(default_factory=EnergyRewardConfig)
