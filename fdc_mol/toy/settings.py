@@ -36,7 +36,7 @@ from fdc_mol.fdc.density import KDE
 from fdc_mol.fdc.divergences import KL, Objective, Wasserstein1
 from fdc_mol.fdc.flow import TensorFlow
 from fdc_mol.fdc.loop import run_fdc
-from fdc_mol.fdc.utilities import CVaR, ExpectedReward, ScoreEntropy, SuperQuantile
+from fdc_mol.fdc.utilities import CVaR, ExpectedReward, KDEEntropy, ScoreEntropy, SuperQuantile
 from flowmol_ext.config import StrictModel
 
 from .flows import make_gmm_flow
@@ -65,6 +65,8 @@ class ToyConfig(StrictModel):
     anisotropy: list[float] = Field(default_factory=lambda: [1.0, 7.0], description="W1: diag(A)")
     critic_steps: int = Field(200, ge=1, description="W1: critic steps per outer iteration")
     eps: float = Field(0.005, gt=0, lt=1, description="entropy/KL: score evaluated at t = 1 − ε")
+    entropy_estimator: str = Field("score", pattern="^(score|kde)$",
+                                   description="entropy first variation: flow score at 1 − ε, or a KDE of the samples")
     lct: float | None = Field(
         None, gt=0, description="AM loss clip LCT·λ² (null = off: the tails' ‖∇r‖ ≫ 1 would all be clipped)"
     )
@@ -80,7 +82,8 @@ def default_config(setting: str) -> ToyConfig:
     if setting == "w1":
         return ToyConfig(**common, K=3, steps_per_iter=40, eta=0.25, alpha=0.5, am_alpha=0.08, lr=1e-2)
     if setting == "entropy":
-        return ToyConfig(**common, K=4, steps_per_iter=30, eta=10.0, alpha=0.5, am_alpha=10.0, lr=5e-3)
+        return ToyConfig(**common, K=4, steps_per_iter=30, eta=10.0, alpha=0.5, am_alpha=10.0, lr=5e-3,
+                         entropy_estimator="kde")
     raise ValueError(f"unknown toy setting {setting!r}; choose one of {SETTINGS}")
 
 
@@ -207,8 +210,9 @@ def _objectives(cfg: ToyConfig) -> tuple[Objective, Objective, int, float]:
     if s == "w1":
         w1 = Wasserstein1(anisotropy=cfg.anisotropy, steps=cfg.critic_steps, hidden=64, lr=2e-3, batch=128)
         return Objective(ExpectedReward(), w1, cfg.alpha), Objective(ExpectedReward()), 1, cfg.am_alpha
-    ent = Objective(ScoreEntropy(cfg.eps, value_by_kde=False), KL(cfg.eps), cfg.alpha)
-    return ent, Objective(ScoreEntropy(cfg.eps, value_by_kde=False)), 1, cfg.am_alpha
+    entropy = KDEEntropy() if cfg.entropy_estimator == "kde" else ScoreEntropy(cfg.eps, value_by_kde=False)
+    ent = Objective(entropy, KL(cfg.eps), cfg.alpha)
+    return ent, Objective(entropy), 1, cfg.am_alpha
 
 
 def run_setting(cfg: ToyConfig, seed: int, run_dir: Any = None) -> dict[str, Any]:
