@@ -56,6 +56,8 @@ def main() -> None:
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: " +
                   ", ".join(f"{k}={rows[-1][k]:.4g}" for k, _ in COLS), flush=True)
     results: dict[str, list[dict]] = {"pre-trained": [], "AM": [], "FDC": []}
+    final_iteration = {"FDC": load_config(FinetuneConfig, args.fdc_config).K,
+                       "AM": load_config(FinetuneConfig, args.am_config).K}
     for seed in args.seeds:
         for name in ("FDC", "AM"):
             path = args.out / f"{name.lower()}_s{seed}" / "metrics.csv"
@@ -64,6 +66,8 @@ def main() -> None:
             with open(path) as fh:
                 rows = [{k: (int(v) if k == "iteration" else float(v)) for k, v in r.items()}
                         for r in csv.DictReader(fh)]
+            if rows[-1]["iteration"] != final_iteration[name]:
+                continue  # unfinished run
             results[name].append(rows[-1])
             if name == "FDC":
                 results["pre-trained"].append(rows[0])
