@@ -44,7 +44,7 @@ def test_small_model_memorises_and_samples_back_valid_molecules() -> None:
     batch = MolBatch.from_molecules(mols * 8)
     gen = torch.Generator().manual_seed(0)
     first = last = None
-    for step in range(600):
+    for _step in range(600):
         x0 = aligned_prior(batch, gen)
         loss = model.training_loss(batch, x0, generator=gen).total
         opt.zero_grad()
