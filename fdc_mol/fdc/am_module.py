@@ -40,6 +40,7 @@ class AdjointMatchingModule(pl.LightningModule):
     def __init__(self, fine: FlowMolFlow, base: FlowMolFlow, terminal_grad: Callable[[Tensor, Trajectory], Tensor],
                  am: AMConfig, lr: float, lam: float, seed: int) -> None:
         super().__init__()
+        fine.model.train()  # load_pretrained returns eval mode; the network has no dropout/batch norm
         self.fine = fine
         object.__setattr__(self, "base", base)  # frozen π_{k−1}: not a submodule, not in checkpoints
         self.terminal_grad = terminal_grad
