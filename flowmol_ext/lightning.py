@@ -58,6 +58,7 @@ class TrainConfig(StrictModel):
     tensorboard: bool = False
     num_threads: int | None = None  # torch intra-op threads on CPU
     float32_matmul_precision: str = "highest"  # "high" allows TF32 matmuls on Ampere+ GPUs
+    init_from: str | None = None  # start a new run from these weights (registry name or model dir)
 
 
 class PretrainConfig(StrictModel):
@@ -213,6 +214,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
         train_smiles = load_train_smiles(cfg.data.data_dir)
     module = FlowMolModule(cfg, n_atoms_hist=[int(v) for v in stats.n_atoms_hist.tolist()],
                            train_smiles=train_smiles)
+    if tc.init_from and not resume:
+        from flowmol_ext.pretrained import load_pretrained
+
+        init = load_pretrained(tc.init_from)
+        if init.cfg != cfg.model:
+            raise ValueError(f"train.init_from={tc.init_from!r} has a different model config than this run's 'model'")
+        module.model.load_state_dict(init.state_dict())
     dm = QM9DataModule(cfg.data)
     log_root = run_dir / "logs"
     version = _next_log_version(log_root)

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="override data.data_dir")
     p.add_argument("--accelerator", help="override train.accelerator (cpu, gpu, auto)")
     p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--init-from", help="start from these weights (e.g. qm9_small) instead of a random init")
     p.add_argument("--snapshot-every", type=int, default=0,
                    help="also export a model directory every N steps under RUN_DIR/snapshots (learning curves)")
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides["train"]["run_dir"] = str(args.resume)
     for key, val in (("max_steps", args.max_steps), ("max_time", args.max_time),
-                     ("accelerator", args.accelerator), ("seed", args.seed)):
+                     ("accelerator", args.accelerator), ("seed", args.seed), ("init_from", args.init_from)):
         if val is not None:
             overrides["train"][key] = val
     if args.data_dir is not None:
