@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from flowmol_ext.batch import N_ATOM_TYPES, N_CHARGES, MolBatch
+from flowmol_ext import CHARGE_OFFSET
+from flowmol_ext.batch import MolBatch
 from flowmol_ext.config import StrictModel
 from flowmol_ext.graph import Graph, build_graph, lower_from_upper, remove_com
 from flowmol_ext.model.ctmc import ctmc_step
@@ -83,14 +84,9 @@ def sample_n_atoms(histogram: Tensor, n: int, generator: torch.Generator | None 
     return torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
 
 
-def mask_tokens(model) -> tuple[int, int, int]:  # noqa: ANN001
-    """Mask-token indices (a, c, e) of a model: the last class of each categorical."""
-    return N_ATOM_TYPES, N_CHARGES, int(model.cfg.n_bond_types)
-
-
 def initial_state(model, graph: Graph, generator: torch.Generator | None = None) -> SampleState:  # noqa: ANN001
     """The prior: COM-free Gaussian positions, every token masked."""
-    ma, mc, me = mask_tokens(model)
+    ma, mc, me = model.mask_index
     device = graph.src.device
     x = centered_normal_prior(graph, generator=generator).to(device)
     n, e = graph.num_nodes, graph.src.numel()
@@ -114,7 +110,7 @@ def flow_step(
     noise: Tensor | None = None,
 ) -> tuple[SampleState, Tensor | None]:
     """One grid step t → t + dt for the whole batch. Returns the new state and the SDE noise used."""
-    ma, mc, me = mask_tokens(model)
+    ma, mc, me = model.mask_index
     t_vec = torch.full((graph.num_graphs,), t, device=state.x.device)
     pred = model.predict(state.x, state.a, state.c, state.e, t_vec, graph, apply_softmax=True, remove_com=True)
     a_t = float(alpha(torch.tensor(t)))
@@ -145,8 +141,8 @@ def finalize(state: SampleState, graph: Graph, model) -> MolBatch:  # noqa: ANN0
     A still-masked atom type keeps the mask index, which chemistry code reports as invalid (FlowMol
     decodes it as Se). With the linear schedule every token is unmasked on the last step.
     """
-    _, mc, me = mask_tokens(model)
-    c = torch.where(state.c == mc, torch.full_like(state.c, 2), state.c)
+    _, mc, me = model.mask_index
+    c = torch.where(state.c == mc, torch.full_like(state.c, CHARGE_OFFSET), state.c)
     e = torch.where(state.e == me, torch.zeros_like(state.e), state.e)
     return MolBatch(x=state.x, a=state.a, c=c, e=e, graph=graph)
 
