@@ -64,10 +64,18 @@ class EdgeUpdate(nn.Module):
         self.edge_norm = nn.LayerNorm(n_edge_feats)
 
     def forward(self, h: Tensor, e: Tensor, d_rbf: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-        parts = [h[src], h[dst], e]
-        if self.update_edge_w_distance:
-            parts.append(d_rbf)
-        return self.edge_norm(e + self.edge_update_fn(torch.cat(parts, dim=-1)))
+        """h (N, S), e (E, Fe), d_rbf (E, rbf_dim) -> e (E, Fe); equals LN(e + MLP(cat(h_src, h_dst, e, rbf)))."""
+        first, act, *tail = self.edge_update_fn
+        n_s = h.shape[-1]
+        # Project h per node with the h_src / h_dst weight blocks, then gather per edge (fewer FLOPs).
+        w = first.weight
+        h_src = torch.nn.functional.linear(h, w[:, :n_s])[src]
+        h_dst = torch.nn.functional.linear(h, w[:, n_s : 2 * n_s])[dst]
+        rest = torch.cat((e, d_rbf), dim=-1) if self.update_edge_w_distance else e
+        out = act(torch.addmm(first.bias, rest, w[:, 2 * n_s :].t()) + h_src + h_dst)
+        for layer in tail:
+            out = layer(out)
+        return self.edge_norm(e + out)
 
 
 def _mlp_ln(n_in: int, n_hidden: int) -> nn.Sequential:
