@@ -7,6 +7,7 @@ assumes rank 0 except what Lightning itself does (checkpoint writing).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -29,6 +30,9 @@ class OptimConfig(StrictModel):
     weight_decay: float = 1e-12
     grad_clip_value: float = 1.0  # clip by value, as FlowMol (Lightning gradient_clip_algorithm="value")
     warmup_steps: int = 0
+    # Exponential moving average of the weights (None: off). When on, validation, sampling and every
+    # exported model directory use the EMA weights; the decay ramps as min(d, (1+n)/(10+n)) at step n.
+    ema_decay: float | None = None
 
 
 class ValidationSamplingConfig(StrictModel):
@@ -84,9 +88,23 @@ class FlowMolModule(pl.LightningModule):
         self.save_hyperparameters({"cfg": cfg.model_dump(mode="json"), "n_atoms_hist": n_atoms_hist})
         self.model = FlowMol(cfg.model)
         self.model.metadata = {"n_atoms_hist": n_atoms_hist}
+        decay = cfg.optim.ema_decay
+        if decay is not None and not 0.0 < decay < 1.0:
+            raise ValueError(f"optim.ema_decay must lie in (0, 1) or be null; got {decay}")
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if decay is not None else None
         self.train_smiles = train_smiles
         self._t0 = time.time()
         self._n_val_runs = 0
+
+    @property
+    def export_model(self) -> FlowMol:
+        """The weights that validation, sampling and model directories use: the EMA copy when on."""
+        return self.ema if self.ema is not None else self.model
+
+    def reset_ema(self) -> None:
+        """Restart the average at the current weights (after loading ``init_from`` weights)."""
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict())
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[MolBatch, Tensor], batch_idx: int) -> Tensor:
@@ -99,9 +117,26 @@ class FlowMolModule(pl.LightningModule):
         self.log("train/wall_time_s", time.time() - self._t0, batch_size=bs, reduce_fx="max")
         return terms.total
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Update right after the step, before any callback (checkpointing) sees this batch's weights.
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        """ema ← ema + (1 − d)(θ − ema), d = min(ema_decay, (1+n)/(10+n)) at global step n."""
+        if self.ema is None:
+            return
+        n = int(self.global_step)
+        decay = min(float(self.cfg.optim.ema_decay), (1.0 + n) / (10.0 + n))
+        with torch.no_grad():
+            ema_p = list(self.ema.parameters())
+            torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - decay)
+            for eb, b in zip(self.ema.buffers(), self.model.buffers()):
+                eb.copy_(b)
+
     def validation_step(self, batch: tuple[MolBatch, Tensor], batch_idx: int) -> None:
         mols, x0 = batch
-        terms = self.model.training_loss(mols, x0)
+        terms = self.export_model.training_loss(mols, x0)
         bs = mols.num_graphs
         self.log("val/loss", terms.total, prog_bar=True, batch_size=bs, sync_dist=True)
         for k in ("x", "a", "c", "e"):
@@ -124,7 +159,7 @@ class FlowMolModule(pl.LightningModule):
         n_local = max(1, vs.n_molecules // world)
         scfg = self.cfg.sampler.model_copy(update={"steps": vs.steps})
         seed = int(self.global_step) * 1000 + int(self.global_rank)
-        mols = sample_molecules(self.model, n_local, scfg, seed=seed, progress=False, device=self.device)
+        mols = sample_molecules(self.export_model, n_local, scfg, seed=seed, progress=False, device=self.device)
         metrics = {"atom_stability": AtomStability(), "mol_stability": MoleculeStability(),
                    "validity": Validity(), "uniqueness": Uniqueness()}
         if self.train_smiles:
@@ -159,8 +194,8 @@ class ExportModelDir(pl.Callback):
         from flowmol_ext.pretrained import save_model_dir
 
         extra = {"n_atoms_hist": module.model.metadata.get("n_atoms_hist"), "global_step": int(trainer.global_step),
-                 "wall_time_s": time.time() - module._t0}
-        save_model_dir(module.model, Path(self.run_dir) / name, extra=extra)
+                 "wall_time_s": time.time() - module._t0, "ema_decay": module.cfg.optim.ema_decay}
+        save_model_dir(module.export_model, Path(self.run_dir) / name, extra=extra)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         if not trainer.is_global_zero:
@@ -221,6 +256,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
         if init.cfg != cfg.model:
             raise ValueError(f"train.init_from={tc.init_from!r} has a different model config than this run's 'model'")
         module.model.load_state_dict(init.state_dict())
+        module.reset_ema()
     dm = QM9DataModule(cfg.data)
     log_root = run_dir / "logs"
     version = _next_log_version(log_root)

@@ -59,3 +59,38 @@ def test_init_from_copies_weights_and_rejects_another_architecture(data_dir: Pat
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), copied.state_dict().values()))
     with pytest.raises(ValueError, match="different model config"):
         pretrain(_cfg(data_dir, tmp_path / "c", 1, init_from="qm9_small"))
+
+
+def test_ema_update_is_the_ramped_lerp() -> None:
+    from flowmol_ext.lightning import FlowMolModule
+
+    cfg = validate_config(PretrainConfig, {"model": TINY, "optim": {"ema_decay": 0.999}})
+    module = FlowMolModule(cfg)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.fill_(1.0)
+        for p in module.ema.parameters():
+            p.fill_(0.0)
+    module.update_ema()  # no trainer: step n = 0, decay min(0.999, 1/10) = 0.1
+    assert all(torch.allclose(p, torch.full_like(p, 0.9)) for p in module.ema.parameters())
+    module.update_ema()  # 0.9 + 0.9 * (1 - 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.99)) for p in module.ema.parameters())
+    assert all(not p.requires_grad for p in module.ema.parameters())
+    with pytest.raises(ValueError, match="ema_decay"):
+        FlowMolModule(validate_config(PretrainConfig, {"model": TINY, "optim": {"ema_decay": 1.0}}))
+
+
+def test_ema_run_exports_the_average_and_resumes(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ema"
+    cfg = _cfg(data_dir, run, 3).model_copy(deep=True)  # a checkpoint at step 3
+    cfg.optim.ema_decay = 0.9
+    pretrain(cfg)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    exported = load_model_dir(run / "model_last").state_dict()
+    for k, v in exported.items():
+        assert torch.equal(v, ckpt[f"ema.{k}"])  # the model directory holds the EMA weights ...
+    assert any(not torch.equal(v, ckpt[f"model.{k}"]) for k, v in exported.items())  # ... not the raw ones
+    cfg7 = cfg.model_copy(deep=True)
+    cfg7.train.max_steps = 6
+    pretrain(cfg7, resume=True)
+    assert load_model_dir(run / "model_last").metadata["global_step"] == 6
