@@ -5,6 +5,8 @@ computes atom/molecule stability, validity, uniqueness and novelty with flowmol_
 writes a CSV and a PNG (metrics against wall-clock training time, so the cost of each point shows).
 
     python bench/learning_curve.py snapshot_samples.pt --data-dir data/qm9 --out-prefix docs/qm9_small_curve
+    python bench/learning_curve.py cpu_a.pt cpu_b.pt --hardware "2-core CPU" --batch-size 64 \
+        --step-offset 2867 --prior docs/qm9_small_learning_curve_gpu.csv --out-prefix docs/qm9_small_curve_cpu
 """
 
 from __future__ import annotations
@@ -23,21 +25,43 @@ from flowmol_ext.metrics import evaluate_molecules
 KEYS = ("atom_stability", "molecule_stability", "validity", "connectivity", "uniqueness", "novelty", "mean_n_atoms")
 
 
+def merge_records(files: list[Path]) -> list[dict]:
+    """Records of one or more sample files; records of the same snapshot (other seeds) are pooled."""
+    merged: dict[str, dict] = {}
+    for f in files:
+        for rec in torch.load(f, weights_only=True)["records"]:
+            key = rec["snapshot"]
+            if key in merged:
+                if merged[key]["global_step"] != rec["global_step"]:
+                    raise SystemExit(f"{f}: snapshot {key} is step {rec['global_step']}, "
+                                     f"another file has step {merged[key]['global_step']}")
+                merged[key]["molecules"] = merged[key]["molecules"] + rec["molecules"]
+            else:
+                merged[key] = dict(rec)
+    return sorted(merged.values(), key=lambda r: r["global_step"] or 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("samples", type=Path)
+    ap.add_argument("samples", type=Path, nargs="+", help="files of bench/sample_snapshots.py (pooled per snapshot)")
     ap.add_argument("--data-dir", default="data/qm9")
     ap.add_argument("--out-prefix", type=Path, required=True)
+    ap.add_argument("--hardware", default="1x H200", help="what trained the run, for the plot's axis label")
+    ap.add_argument("--batch-size", type=int, default=256, help="training batch size, for molecules seen")
+    ap.add_argument("--step-offset", type=int, default=0, help="steps trained before this run (init_from)")
+    ap.add_argument("--prior", type=Path, help="learning-curve CSV of the run this one started from (plotted first)")
+    ap.add_argument("--prior-batch-size", type=int, default=256)
     args = ap.parse_args()
-    blob = torch.load(args.samples, weights_only=True)
     train = load_train_smiles(args.data_dir)
     rows = []
-    for rec in blob["records"]:
+    for rec in merge_records(args.samples):
         mols = [Molecule(x=m["x"], a=m["a"].long(), c=m["c"].long(), bonds=m["bonds"].long())
                 for m in rec["molecules"]]
         met = evaluate_molecules(mols, train_smiles=train, train_smiles_canonical=True)
         row = {"snapshot": rec["snapshot"], "global_step": rec["global_step"],
-               "train_minutes": (rec["wall_time_s"] or float("nan")) / 60.0, "n": len(mols)}
+               "train_minutes": (rec["wall_time_s"] or float("nan")) / 60.0, "n": len(mols),
+               "molecules_seen_M": (args.step_offset * args.prior_batch_size
+                                    + (rec["global_step"] or 0) * args.batch_size) / 1e6}
         row.update({k: met.get(k, float("nan")) for k in KEYS})
         rows.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
@@ -52,16 +76,28 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    x = [r["train_minutes"] for r in rows]
-    for k in ("atom_stability", "molecule_stability", "validity", "uniqueness", "novelty"):
-        ax.plot(x, [r[k] for r in rows], marker="o", label=k)
-    ax.set_xlabel("training wall time (minutes, 1x H200)")
-    ax.set_ylabel("fraction of 1,000 samples (100 steps)")
+    keys = ("atom_stability", "molecule_stability", "validity", "uniqueness", "novelty")
+    if args.prior:
+        with open(args.prior, newline="") as fh:
+            prior = list(csv.DictReader(fh))
+        px = [float(r["global_step"]) * args.prior_batch_size / 1e6 for r in prior]
+        for i, k in enumerate(keys):
+            ax.plot(px, [float(r[k]) for r in prior], marker=".", ls="--", color=f"C{i}", alpha=0.6)
+        ax.axvline(args.step_offset * args.prior_batch_size / 1e6, color="grey", lw=0.8)
+        x = [r["molecules_seen_M"] for r in rows]
+        ax.set_xlabel(f"training molecules seen (millions); dashed: {args.prior.name}, solid: this run "
+                      f"({args.hardware})", fontsize=7)
+    else:
+        x = [r["train_minutes"] for r in rows]
+        ax.set_xlabel(f"training wall time (minutes, {args.hardware})")
+    for i, k in enumerate(keys):
+        ax.plot(x, [r[k] for r in rows], marker="o", label=k, color=f"C{i}")
+    ax.set_ylabel("fraction of samples (100 steps)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     steps = [r["global_step"] for r in rows]
-    ax.set_title(f"qm9_small learning curve (steps {steps[0]}..{steps[-1]}, batch 256)")
+    ax.set_title(f"qm9_small learning curve (steps {steps[0]}..{steps[-1]}, batch {args.batch_size})")
     fig.tight_layout()
     fig.savefig(f"{args.out_prefix}.png", dpi=120)
     print(f"wrote {args.out_prefix}.csv and .png")

@@ -24,7 +24,7 @@ from flowmol_ext.metrics import evaluate_molecules
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples")
+    ap.add_argument("--samples", nargs="+", help="files of bench/sample_snapshots.py, pooled")
     ap.add_argument("--record", default="model_last")
     ap.add_argument("--model", default="qm9_small")
     ap.add_argument("--n", type=int, default=1000)
@@ -33,10 +33,16 @@ def main() -> None:
     ap.add_argument("--executor", default="local:2")
     args = ap.parse_args()
     if args.samples:
-        blob = torch.load(args.samples, weights_only=True)
-        rec = next(r for r in blob["records"] if r["snapshot"] == args.record)
-        mols = [Molecule(x=m["x"], a=m["a"].long(), c=m["c"].long(), bonds=m["bonds"].long()) for m in rec["molecules"]]
-        origin = f"{args.samples} [{args.record}], {blob['steps']} steps on {blob['device']}"
+        mols, origins = [], []
+        for f in args.samples:  # several files = several seeds of the same snapshot, pooled
+            blob = torch.load(f, weights_only=True)
+            rec = next((r for r in blob["records"] if r["snapshot"] == args.record), None)
+            if rec is None:
+                raise SystemExit(f"{f} has no record {args.record!r}")
+            mols += [Molecule(x=m["x"], a=m["a"].long(), c=m["c"].long(), bonds=m["bonds"].long())
+                     for m in rec["molecules"]]
+            origins.append(f"{f} [{args.record}, step {rec['global_step']}, seed {rec.get('seed', 0)}]")
+        origin = "; ".join(origins) + f", {blob['steps']} steps on {blob['device']}"
     else:
         from flowmol_ext import load_pretrained
         from flowmol_ext.model.sampler import SamplerConfig, sample_molecules

@@ -44,7 +44,7 @@ def test_small_model_memorises_and_samples_back_valid_molecules() -> None:
     batch = MolBatch.from_molecules(mols * 8)
     gen = torch.Generator().manual_seed(0)
     first = last = None
-    for _step in range(600):
+    for _step in range(1000):
         x0 = aligned_prior(batch, gen)
         loss = model.training_loss(batch, x0, generator=gen).total
         opt.zero_grad()
@@ -59,9 +59,9 @@ def test_small_model_memorises_and_samples_back_valid_molecules() -> None:
     hits = 0
     total = 0
     for n, smi in ref.items():
-        for m in sample_molecules(model, 4, cfg, n_atoms=n, seed=n, progress=False):
+        for m in sample_molecules(model, 8, cfg, n_atoms=n, seed=n, progress=False):
             total += 1
             hits += int(is_valid(m) and canonical_smiles(m) == smi)
-    # Within CI time (600 steps) about half of the samples are exact valid copies (6/12 when written; the
-    # rest are mostly the right skeleton with a wrong H count); longer training brings it further up.
-    assert hits >= 5, f"only {hits}/{total} sampled molecules are valid copies of the training molecules"
+    # At 1,000 steps 17/24 samples are exact valid copies (most misses have the right skeleton and a wrong
+    # H count). 600 steps gave 9/24, and fewer than 5 of 12 after a float-rounding change: too brittle.
+    assert hits >= 12, f"only {hits}/{total} sampled molecules are valid copies of the training molecules"
