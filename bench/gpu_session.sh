@@ -11,6 +11,7 @@ DEV=$([ "$ACCEL" = gpu ] && echo cuda || echo cpu)
 TRAIN_SECONDS=${TRAIN_SECONDS:-390}
 DATA=${DATA:-.gpu/qm9}
 SNAP=${SNAP:-1500}
+INIT_FROM=${INIT_FROM:-}   # e.g. qm9_small: continue the shipped model instead of training from scratch
 BENCH_REPS=${BENCH_REPS:-3}
 BENCH_TASKS=${BENCH_TASKS:-train32,train128,fwd100,sample100}
 TESTS=${TESTS:-tests/flowmol_ext/model tests/flowmol_ext/test_sampler.py}
@@ -32,7 +33,7 @@ echo "== 2. speed: paper-size and small networks on $DEV"
 $PY bench/bench_model.py --config paper --device "$DEV" --reps "$BENCH_REPS" --tasks "$BENCH_TASKS" --sample-steps 100
 $PY bench/bench_model.py --config small --device "$DEV" --reps "$BENCH_REPS" --tasks "$BENCH_TASKS" --sample-steps 100
 
-echo "== 3. pretrain the small network for ${TRAIN_SECONDS}s"
+echo "== 3. pretrain the small network for ${TRAIN_SECONDS}s${INIT_FROM:+ from $INIT_FROM}"
 rm -rf /tmp/gpu_run
 $PY - <<PYEOF
 import datetime
@@ -40,9 +41,10 @@ from flowmol_ext.config import load_config
 from flowmol_ext.lightning import PretrainConfig, pretrain
 t = str(datetime.timedelta(seconds=int("$TRAIN_SECONDS")))
 h, m, s = t.split(":")
-cfg = load_config(PretrainConfig, "configs/flowmol_qm9_small_gpu.yaml", {
-    "train": {"run_dir": "/tmp/gpu_run", "max_time": f"00:{int(h):02d}:{int(m):02d}:{int(s):02d}", "accelerator": "$ACCEL"},
-    "data": {"data_dir": "$DATA"}})
+train = {"run_dir": "/tmp/gpu_run", "max_time": f"00:{int(h):02d}:{int(m):02d}:{int(s):02d}", "accelerator": "$ACCEL"}
+if "$INIT_FROM":
+    train["init_from"] = "$INIT_FROM"
+cfg = load_config(PretrainConfig, "configs/flowmol_qm9_small_gpu.yaml", {"train": train, "data": {"data_dir": "$DATA"}})
 pretrain(cfg, snapshot_every_n_steps=int("$SNAP"))
 PYEOF
 mkdir -p "$OUT/model"
