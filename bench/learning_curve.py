@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--step-offset", type=int, default=0, help="steps trained before this run (init_from)")
     ap.add_argument("--prior", type=Path, help="learning-curve CSV of the run this one started from (plotted first)")
     ap.add_argument("--prior-batch-size", type=int, default=256)
+    ap.add_argument("--paused-s", type=float, default=0.0,
+                    help="seconds the run was paused (SIGSTOP) before its first snapshot; subtracted from wall time")
     args = ap.parse_args()
     train = load_train_smiles(args.data_dir)
     rows = []
@@ -59,7 +61,7 @@ def main() -> None:
                 for m in rec["molecules"]]
         met = evaluate_molecules(mols, train_smiles=train, train_smiles_canonical=True)
         row = {"snapshot": rec["snapshot"], "global_step": rec["global_step"],
-               "train_minutes": (rec["wall_time_s"] or float("nan")) / 60.0, "n": len(mols),
+               "train_minutes": ((rec["wall_time_s"] or float("nan")) - args.paused_s) / 60.0, "n": len(mols),
                "molecules_seen_M": (args.step_offset * args.prior_batch_size
                                     + (rec["global_step"] or 0) * args.batch_size) / 1e6}
         row.update({k: met.get(k, float("nan")) for k in KEYS})
