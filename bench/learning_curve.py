@@ -16,29 +16,12 @@ import csv
 import math
 from pathlib import Path
 
-import torch
+from sample_snapshots import decode_molecules, load_records  # bench/ is on sys.path when run as a script
 
-from flowmol_ext.batch import Molecule
 from flowmol_ext.data.store import load_train_smiles
 from flowmol_ext.metrics import evaluate_molecules
 
 KEYS = ("atom_stability", "molecule_stability", "validity", "connectivity", "uniqueness", "novelty", "mean_n_atoms")
-
-
-def merge_records(files: list[Path]) -> list[dict]:
-    """Records of one or more sample files; records of the same snapshot (other seeds) are pooled."""
-    merged: dict[str, dict] = {}
-    for f in files:
-        for rec in torch.load(f, weights_only=True)["records"]:
-            key = rec["snapshot"]
-            if key in merged:
-                if merged[key]["global_step"] != rec["global_step"]:
-                    raise SystemExit(f"{f}: snapshot {key} is step {rec['global_step']}, "
-                                     f"another file has step {merged[key]['global_step']}")
-                merged[key]["molecules"] = merged[key]["molecules"] + rec["molecules"]
-            else:
-                merged[key] = dict(rec)
-    return sorted(merged.values(), key=lambda r: r["global_step"] or 0)
 
 
 def main() -> None:
@@ -56,9 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     train = load_train_smiles(args.data_dir)
     rows = []
-    for rec in merge_records(args.samples):
-        mols = [Molecule(x=m["x"], a=m["a"].long(), c=m["c"].long(), bonds=m["bonds"].long())
-                for m in rec["molecules"]]
+    for rec in load_records(args.samples):
+        mols = decode_molecules(rec)
         met = evaluate_molecules(mols, train_smiles=train, train_smiles_canonical=True)
         row = {"snapshot": rec["snapshot"], "global_step": rec["global_step"],
                "train_minutes": ((rec["wall_time_s"] or float("nan")) - args.paused_s) / 60.0, "n": len(mols),

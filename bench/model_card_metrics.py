@@ -14,10 +14,9 @@ import json
 import time
 
 import numpy as np
-import torch
+from sample_snapshots import decode_molecules, load_records  # bench/ is on sys.path when run as a script
 
 from fdc_mol.rewards import make_reward
-from flowmol_ext.batch import Molecule
 from flowmol_ext.data.store import load_train_smiles
 from flowmol_ext.metrics import evaluate_molecules
 
@@ -32,17 +31,13 @@ def main() -> None:
     ap.add_argument("--data-dir", default="data/qm9")
     ap.add_argument("--executor", default="local:2")
     args = ap.parse_args()
-    if args.samples:
-        mols, origins = [], []
-        for f in args.samples:  # several files = several seeds of the same snapshot, pooled
-            blob = torch.load(f, weights_only=True)
-            rec = next((r for r in blob["records"] if r["snapshot"] == args.record), None)
-            if rec is None:
-                raise SystemExit(f"{f} has no record {args.record!r}")
-            mols += [Molecule(x=m["x"], a=m["a"].long(), c=m["c"].long(), bonds=m["bonds"].long())
-                     for m in rec["molecules"]]
-            origins.append(f"{f} [{args.record}, step {rec['global_step']}, seed {rec.get('seed', 0)}]")
-        origin = "; ".join(origins) + f", {blob['steps']} steps on {blob['device']}"
+    if args.samples:  # several files = several seeds / processes of the same snapshot, pooled
+        rec = next((r for r in load_records(args.samples) if r["snapshot"] == args.record), None)
+        if rec is None:
+            raise SystemExit(f"no record {args.record!r} in {', '.join(args.samples)}")
+        mols = decode_molecules(rec)
+        origin = (f"{', '.join(args.samples)} [{args.record}, step {rec['global_step']}], "
+                  f"{rec['steps']} steps on {rec['device']}")
     else:
         from flowmol_ext import load_pretrained
         from flowmol_ext.model.sampler import SamplerConfig, sample_molecules

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from flowmol_ext.batch import MolBatch
@@ -32,7 +33,7 @@ class OptimConfig(StrictModel):
     warmup_steps: int = 0
     # Exponential moving average of the weights (None: off). When on, validation, sampling and every
     # exported model directory use the EMA weights; the decay ramps as min(d, (1+n)/(10+n)) at step n.
-    ema_decay: float | None = None
+    ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
 
 
 class ValidationSamplingConfig(StrictModel):
@@ -88,10 +89,7 @@ class FlowMolModule(pl.LightningModule):
         self.save_hyperparameters({"cfg": cfg.model_dump(mode="json"), "n_atoms_hist": n_atoms_hist})
         self.model = FlowMol(cfg.model)
         self.model.metadata = {"n_atoms_hist": n_atoms_hist}
-        decay = cfg.optim.ema_decay
-        if decay is not None and not 0.0 < decay < 1.0:
-            raise ValueError(f"optim.ema_decay must lie in (0, 1) or be null; got {decay}")
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if decay is not None else None
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.optim.ema_decay is not None else None
         self.train_smiles = train_smiles
         self._t0 = time.time()
         self._n_val_runs = 0
