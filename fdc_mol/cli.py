@@ -39,24 +39,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (pydantic errors as 'key: problem (got value)', no web links)."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        from flowmol_ext.config import _format_errors
+
+        text = _format_errors(err, err.title)
+    else:
+        text = str(err) or type(err).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``fdc-mol`` command. Returns the exit status: 0 success, 2 bad input (config, file,
+    argument), 1 other failures (write errors, unexpected exceptions), 128 + signum when stopped by
+    SIGTERM (143) or SIGINT (130). Every failure is reported as one line on stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
     from fdc_mol.runlog import setup_logging
+    from flowmol_ext import signals
 
     setup_logging(args.log_level)
+    signals.install()
+    prog = f"fdc-mol {args.command}"
     try:
         return int(args._run(args) or 0)
+    except signals.Interrupted as err:
+        print(f"{prog}: stopped by {err.name} (exit {err.exit_code}); the run directory keeps the last saved "
+              "checkpoint, resume from it", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted; the run directory holds the last finished checkpoint", file=sys.stderr)
+        print(f"{prog}: interrupted (SIGINT, exit 130); the run directory keeps the last saved checkpoint",
+              file=sys.stderr)
         return 130
+    except SystemExit as err:
+        if type(err).__name__ == "SIGTERMException":  # Lightning's SIGTERM exit carries no code (would be 0)
+            print(f"{prog}: stopped by SIGTERM (exit 143); the run directory keeps the last saved checkpoint",
+                  file=sys.stderr)
+            return 143
+        raise
     except (ValueError, FileNotFoundError) as err:
         # Input errors carry a precise message (bad key, file, record); no traceback for users.
-        print(f"fdc-mol {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # write errors (full disk, permissions), unreadable files
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - one line for users; the traceback with --log-level DEBUG
+        if args.log_level == "DEBUG":
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: error: {type(err).__name__}: {_one_line(err)} (run with --log-level DEBUG for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """Molecule files: SDF writing (atomic, with SD properties) and tolerant SDF reading.
 
 ``write_sdf`` takes :class:`~flowmol_ext.batch.Molecule` objects or RDKit molecules and writes
-explicit-H, Kekulé, charged 3D records. V2000 keeps 4 decimals of each coordinate (Å); pass
-``v3000=True`` where geometries must survive to better than 1e-4 Å (energies compared at 1e-6 Eh).
+explicit-H, Kekulé, charged 3D records. The default is V3000, whose atom lines keep 6 decimals of
+each coordinate (Å; rounding error <= 5e-7 Å, so an xTB energy recomputed from the file agrees with
+the stored one to ~1e-7 Eh, well under 1e-6 Eh). ``v3000=False`` writes V2000 (4 decimals, 5e-5 Å,
+i.e. up to ~1e-4 Eh off) for tools that cannot read V3000.
+
+The text is made in memory and written with Python file I/O (write, flush, fsync, then rename), so
+a full disk or any other write error raises ``OSError`` and leaves no file: RDKit's ``SDWriter``
+writing to a path ignores write errors.
 
 ``read_sdf`` reads any SDF (ours or another tool's, optionally gzipped) without sanitising and
 without removing hydrogens, and keeps going past bad records.
@@ -11,8 +17,10 @@ without removing hydrogens, and keeps going past bad records.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,9 +80,12 @@ def write_sdf(
     path: str | Path,
     molecules: Sequence[Molecule | Chem.Mol],
     properties: Sequence[dict[str, Any]] | None = None,
-    v3000: bool = False,
+    v3000: bool = True,
 ) -> Path:
     """Write ``molecules`` to one SDF file, atomically (temporary name, then rename).
+
+    Raises ``OSError`` (naming the file) when the file cannot be written completely, e.g. on a full
+    disk; nothing is left at ``path`` then (an earlier file of that name stays untouched).
 
     ``properties[i]`` adds SD data fields to record i (overriding ``Molecule.props`` of the same
     name); e.g. ``{"energy_hartree": -40.5, "reason": "scf not converged"}``. A ``name`` entry becomes
@@ -94,18 +105,37 @@ def write_sdf(
             m.SetProp("_Name", m.GetProp("name"))
         prepared.append(m)
 
-    def _write(tmp: Path) -> None:
-        writer = Chem.SDWriter(str(tmp))
-        writer.SetForceV3000(v3000)
-        writer.SetKekulize(False)
-        try:
-            for m in prepared:
-                writer.write(m)
-        finally:
-            writer.close()
+    text = sdf_text(prepared, v3000=v3000)
 
-    atomic_write(path, _write)
+    def _write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    try:
+        atomic_write(path, _write)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     return path
+
+
+def sdf_text(molecules: Sequence[Chem.Mol], v3000: bool = True) -> str:
+    """The SDF text of prepared RDKit molecules (SD properties included), made in memory."""
+    buf = io.StringIO()
+    writer = Chem.SDWriter(buf)
+    writer.SetForceV3000(v3000)
+    writer.SetKekulize(False)
+    try:
+        for m in molecules:
+            writer.write(m)
+    finally:
+        writer.close()
+    text = buf.getvalue()
+    n_records = text.count("$$$$\n")
+    if n_records != len(molecules):
+        raise ValueError(f"RDKit wrote {n_records} SDF records for {len(molecules)} molecules")
+    return text
 
 
 def read_sdf(path: str | Path) -> list[tuple[Chem.Mol | None, str | None]]:

@@ -1,4 +1,8 @@
-"""Atomic file writes: write to a temporary name in the same folder, fsync, then rename."""
+"""Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
+
+The file gets the mode a plain ``open(path, "w")`` would give it (0666 minus the process umask),
+not the 0600 of :func:`tempfile.mkstemp`.
+"""
 
 from __future__ import annotations
 
@@ -11,30 +15,69 @@ from typing import Any
 import torch
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, writer: Callable[[Path], Any]) -> None:
-    """Call ``writer(tmp_path)`` and rename the result onto ``path``; nothing half-written is left."""
+    """Call ``writer(tmp_path)`` and rename the result onto ``path``; nothing half-written is left.
+
+    The temporary file is fsynced before the rename and given mode ``0o666 & ~umask``. Any error
+    (``writer``'s, a full disk's on fsync) removes the temporary file and propagates.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        os.close(fd)
+        fd = -1
         writer(tmp_path)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         tmp_path.unlink(missing_ok=True)
         raise
 
 
+def _write_text(p: Path, text: str) -> None:
+    with open(p, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_bytes(p: Path, data: bytes) -> None:
+    with open(p, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+    """Write ``text`` (UTF-8) to ``path`` atomically; write errors (full disk) raise ``OSError``."""
+    atomic_write(path, lambda p: _write_text(p, text))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda p: p.write_bytes(data))
+    """Write ``data`` to ``path`` atomically; write errors (full disk) raise ``OSError``."""
+    atomic_write(path, lambda p: _write_bytes(p, data))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically (torch raises on write errors)."""
     atomic_write(path, lambda p: torch.save(obj, p))

@@ -26,7 +26,7 @@ def test_round_trip_molecules_and_properties(tmp_path: Path) -> None:
         {"energy_Eh": -154.123456789012, "ok": True, "forces": [1.0, 2.5]},
         {"energy_Eh": torch.tensor(-1.5, dtype=torch.float64)},
     ]
-    path = write_sdf(tmp_path / "out.sdf", mols, props)
+    path = write_sdf(tmp_path / "out.sdf", mols, props, v3000=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out.sdf"]  # no temporary files left
     records = read_sdf(path)
     assert [why for _, why in records] == [None, None, None]
