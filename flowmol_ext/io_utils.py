@@ -29,6 +29,25 @@ def current_umask() -> int:
     return mask
 
 
+def check_writable_dir(path: Path, key: str = "output directory") -> None:
+    """Fail early (``ValueError`` naming ``key`` and the folder) when files cannot be created in
+    ``path``, e.g. a read-only folder; call before long work, not after it. Creates nothing: a
+    missing folder is checked at its nearest existing parent."""
+    path = Path(path)
+    probe_dir = path
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ValueError(f"{key}: {probe_dir} is not a folder, so {path} cannot be created")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{key}: cannot write to {probe_dir} ({err.strerror or err}); choose a writable folder") \
+            from None
+
+
 def atomic_write(path: Path, writer: Callable[[Path], Any]) -> None:
     """Call ``writer(tmp_path)`` and rename the result onto ``path``; nothing half-written is left.
 

@@ -3,34 +3,46 @@
 DDP-ready: losses are logged with ``sync_dist=True``; sample metrics are torchmetrics objects whose
 states are summed across ranks; each rank samples its share of the validation molecules; nothing
 assumes rank 0 except what Lightning itself does (checkpoint writing).
+
+Resumable exactly: the data order and priors are functions of (seed, epoch, position) (see
+:mod:`flowmol_ext.data.datamodule`), and each training step reseeds the global torch RNG from
+(seed, global step, rank), so a run resumed from a checkpoint at step k takes the same steps as an
+uninterrupted run (bit-identical on CPU with the same thread count). ``--resume`` falls back to the
+newest intact ``step*.ckpt`` when ``last.ckpt`` is truncated or corrupt. SIGTERM/SIGINT stop at the
+next batch boundary after saving ``last.ckpt`` (see :mod:`flowmol_ext.signals`).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import re
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from flowmol_ext.batch import MolBatch
 from flowmol_ext.config import StrictModel
-from flowmol_ext.data.datamodule import DataConfig
+from flowmol_ext.data.datamodule import DataConfig, mix_seed
 from flowmol_ext.model.config import ModelConfig
 from flowmol_ext.model.flow import FlowMol
 from flowmol_ext.model.sampler import SamplerConfig, sample_molecules
+
+log = logging.getLogger(__name__)
 
 
 class OptimConfig(StrictModel):
     """Adam with constant learning rate after an optional linear warm-up (FlowMol2 recipe)."""
 
-    lr: float = 2.5e-4
-    weight_decay: float = 1e-12
-    grad_clip_value: float = 1.0  # clip by value, as FlowMol (Lightning gradient_clip_algorithm="value")
-    warmup_steps: int = 0
+    lr: float = Field(default=2.5e-4, gt=0.0)
+    weight_decay: float = Field(default=1e-12, ge=0.0)
+    grad_clip_value: float = Field(default=1.0, gt=0.0)  # clip by value, as FlowMol (gradient_clip_algorithm="value")
+    warmup_steps: int = Field(default=0, ge=0)
     # Exponential moving average of the weights (None: off). When on, validation, sampling and every
     # exported model directory use the EMA weights; the decay ramps as min(d, (1+n)/(10+n)) at step n.
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -39,9 +51,9 @@ class OptimConfig(StrictModel):
 class ValidationSamplingConfig(StrictModel):
     """Periodic sampling during validation; off by default on CPU because it is costly."""
 
-    n_molecules: int = 0  # 0 disables; split across ranks
-    steps: int = 50
-    every_n_val: int = 1  # sample at every k-th validation run
+    n_molecules: int = Field(default=0, ge=0)  # 0 disables; split across ranks
+    steps: int = Field(default=50, ge=1)
+    every_n_val: int = Field(default=1, ge=1)  # sample at every k-th validation run
 
 
 class TrainConfig(StrictModel):
@@ -49,21 +61,45 @@ class TrainConfig(StrictModel):
 
     run_dir: str = "runs/pretrain_qm9_small"
     seed: int = 0
-    max_steps: int = 100_000
-    max_epochs: int | None = None
+    max_steps: int = Field(default=100_000, ge=-1)  # -1: no step limit (then set max_epochs or max_time)
+    max_epochs: int | None = Field(default=None, ge=0)
     max_time: str | None = None  # "DD:HH:MM:SS" wall-clock budget
-    checkpoint_every_n_steps: int = 500
-    val_every_n_steps: int = 1000
-    limit_val_batches: int | float = 8
-    log_every_n_steps: int = 20
-    accelerator: str = "auto"
+    checkpoint_every_n_steps: int = Field(default=500, ge=1)
+    val_every_n_steps: int = Field(default=1000, ge=1)
+    limit_val_batches: int | float = Field(default=8, ge=0)  # int: batches; float in [0, 1]: fraction
+    log_every_n_steps: int = Field(default=20, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | str = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: Literal["32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
     tensorboard: bool = False
-    num_threads: int | None = None  # torch intra-op threads on CPU
-    float32_matmul_precision: str = "highest"  # "high" allows TF32 matmuls on Ampere+ GPUs
+    num_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on CPU
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # "high": TF32 on Ampere+
     init_from: str | None = None  # start a new run from these weights (registry name or model dir)
+
+    @field_validator("max_time")
+    @classmethod
+    def _max_time_format(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(v).strip()):
+            raise ValueError("must be DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours")
+        return None if v is None else str(v).strip()
+
+    @field_validator("limit_val_batches")
+    @classmethod
+    def _limit_val(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and v > 1.0:
+            raise ValueError("a float is a fraction of the validation set and must be in [0, 1]; use an int for "
+                             "a number of batches")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1 and v != -1:
+            raise ValueError("must be >= 1, -1 (all) or 'auto'")
+        if isinstance(v, str) and v != "auto" and not re.fullmatch(r"-1|\d+|(\d+,)*\d+,?", v.strip()):
+            raise ValueError("must be an int, 'auto', or a comma-separated list of device ids")
+        return v
 
 
 class PretrainConfig(StrictModel):
@@ -106,6 +142,8 @@ class FlowMolModule(pl.LightningModule):
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[MolBatch, Tensor], batch_idx: int) -> Tensor:
+        # The step's random draws (times, masks) depend on (seed, step, rank) only: exact resume.
+        torch.manual_seed(mix_seed(self.cfg.train.seed, int(self.global_step), int(self.global_rank), 5))
         mols, x0 = batch
         terms = self.model.training_loss(mols, x0)
         bs = mols.num_graphs
@@ -133,6 +171,8 @@ class FlowMolModule(pl.LightningModule):
                 eb.copy_(b)
 
     def validation_step(self, batch: tuple[MolBatch, Tensor], batch_idx: int) -> None:
+        # The same draws at every validation (and in a resumed run): val loss curves compare models.
+        torch.manual_seed(mix_seed(self.cfg.train.seed, int(batch_idx), int(self.global_rank), 6))
         mols, x0 = batch
         terms = self.export_model.training_loss(mols, x0)
         bs = mols.num_graphs
@@ -187,7 +227,6 @@ class ExportModelDir(pl.Callback):
         self.snapshot_every = snapshot_every_n_steps
 
     def _export(self, trainer: pl.Trainer, module: FlowMolModule, name: str) -> None:
-        from pathlib import Path
 
         from flowmol_ext.pretrained import save_model_dir
 
@@ -207,18 +246,159 @@ class ExportModelDir(pl.Callback):
             self._export(trainer, module, "model_last")
 
 
-def _next_log_version(log_root: Any) -> str:
+def _next_log_version(log_root: Path) -> str:
     existing = sorted(p.name for p in log_root.glob("v*") if p.is_dir()) if log_root.exists() else []
     return f"v{len(existing)}"
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: int = 0) -> Any:
-    """Run (or resume) pretraining into ``cfg.train.run_dir``. Returns the run directory Path."""
-    from pathlib import Path
+_STEP_RE = re.compile(r"step(\d+)")
 
+
+def _ckpt_step(path: Path) -> int:
+    m = _STEP_RE.search(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _read_checkpoint_step(path: Path) -> int:
+    """Global step of a checkpoint; raises ``ValueError`` naming the file if it is truncated/corrupt."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own run's file
+    except Exception as err:  # noqa: BLE001 - RuntimeError, EOFError, UnpicklingError ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: truncated or corrupt checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict / global_step)")
+    return int(ckpt["global_step"])
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> tuple[Path, int]:
+    """The checkpoint to resume from: ``last.ckpt``, or the newest intact ``step*.ckpt`` when it is
+    missing, truncated or corrupt (logged). Returns (path, global step). Raises ``FileNotFoundError``
+    naming the folder when no intact checkpoint is there."""
+    ckpt_dir = Path(ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    candidates = ([last] if last.is_file() else []) + sorted(ckpt_dir.glob("step*.ckpt"), key=_ckpt_step,
+                                                             reverse=True)
+    problems = []
+    for path in candidates:
+        try:
+            step = _read_checkpoint_step(path)
+        except ValueError as err:
+            log.warning("%s; trying an older checkpoint", err)
+            problems.append(str(err))
+            continue
+        if path != last:
+            why = "is truncated or corrupt" if last.is_file() else "is missing"
+            log.warning("resuming from %s (step %d) because %s %s", path, step, last, why)
+        return path, step
+    detail = f" ({'; '.join(problems)})" if problems else ""
+    raise FileNotFoundError(f"cannot resume: no intact checkpoint (last.ckpt or step*.ckpt) in {ckpt_dir}{detail}")
+
+
+def _trim_replayed_logs(log_root: Path, from_step: int) -> None:
+    """Drop rows with ``step >= from_step`` from earlier log versions: a resumed run replays them."""
+    import csv
+    import io
+
+    from flowmol_ext.io_utils import atomic_write_text
+
+    for metrics in sorted(log_root.glob("v*/metrics.csv")):
+        with open(metrics, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows or "step" not in rows[0]:
+            continue
+        col = rows[0].index("step")
+        keep = [r for r in rows[1:] if not (len(r) > col and r[col].strip() and int(float(r[col])) >= from_step)]
+        if len(keep) == len(rows) - 1:
+            continue
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([rows[0], *keep])
+        atomic_write_text(metrics, buf.getvalue())
+        log.info("%s: removed %d row(s) of steps >= %d (replayed by the resumed run)", metrics,
+                 len(rows) - 1 - len(keep), from_step)
+
+
+def _remove_stale_checkpoints(ckpt_dir: Path, keep: set[Path]) -> None:
+    """Remove ``best-*.ckpt`` / ``step*.ckpt`` files that are not the current best / latest."""
+    keep_resolved = {Path(k).resolve() for k in keep if k}
+    for path in list(ckpt_dir.glob("best-*.ckpt")) + list(ckpt_dir.glob("step*.ckpt")):
+        if path.resolve() not in keep_resolved:
+            path.unlink(missing_ok=True)
+            log.info("removed stale checkpoint %s", path)
+
+
+class StopOnSignal(pl.Callback):
+    """At the batch boundary after SIGTERM/SIGINT (see :func:`flowmol_ext.signals.deferred`): save
+    ``last.ckpt`` (atomically) and raise :class:`~flowmol_ext.signals.Interrupted`."""
+
+    def __init__(self, last_ckpt: Path) -> None:
+        self.last_ckpt = Path(last_ckpt)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        from flowmol_ext import signals
+
+        sig = signals.take()
+        if sig is None:
+            return
+        if trainer.is_global_zero:
+            from flowmol_ext.io_utils import atomic_torch_save
+
+            ckpt = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            atomic_torch_save(ckpt, self.last_ckpt)
+            log.warning("received %s: saved %s at step %d", signals.Interrupted(sig).name, self.last_ckpt,
+                        int(trainer.global_step))
+        raise signals.Interrupted(sig)
+
+
+class ResumeData(pl.Callback):
+    """On a resumed run, make the train loader skip the batches of the current epoch already trained."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        n_batches = trainer.num_training_batches
+        step = int(trainer.global_step)
+        if not step or not n_batches or n_batches == float("inf"):
+            return
+        done = step - int(trainer.current_epoch) * int(n_batches)
+        if 0 < done < n_batches:
+            loader = trainer.train_dataloader
+            if hasattr(loader, "resume_at"):
+                loader.resume_at(done)
+                log.info("resuming epoch %d after its first %d batches", trainer.current_epoch, done)
+
+
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Checks that need the machine (not only the file): the accelerator exists, the data is there,
+    the run directory can be written. Raises ``ValueError`` naming the key; run before any output."""
+    tc = cfg.train
+    if tc.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.accelerator: '{tc.accelerator}' requested but no CUDA GPU is available "
+                         "(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
+    if tc.accelerator == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("train.accelerator: 'mps' requested but Apple MPS is not available; use 'cpu' or 'auto'")
+    if tc.max_steps == -1 and tc.max_epochs is None and tc.max_time is None:
+        raise ValueError("train.max_steps: -1 (no limit) needs train.max_epochs or train.max_time")
+    from flowmol_ext.data.store import load_stats
+
+    try:
+        load_stats(cfg.data.data_dir, "train")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.data_dir: {err} (run `fdc-mol data qm9 --data-dir {cfg.data.data_dir}`)") \
+            from None
+    from flowmol_ext.io_utils import check_writable_dir
+
+    check_writable_dir(Path(tc.run_dir), "train.run_dir")
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: int = 0) -> Path:
+    """Run (or resume) pretraining into ``cfg.train.run_dir``. Returns the run directory Path.
+
+    SIGTERM / SIGINT stop training at the next batch boundary after saving ``last.ckpt`` and raise
+    :class:`~flowmol_ext.signals.Interrupted` (exit 128 + signum from the CLI).
+    """
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+    from flowmol_ext import signals
     from flowmol_ext.config import dump_config
     from flowmol_ext.data.datamodule import QM9DataModule
     from flowmol_ext.data.store import load_stats
@@ -227,9 +407,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
     run_dir = Path(tc.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt = ckpt_dir / "last.ckpt"
-    if resume and not last_ckpt.is_file():
-        raise FileNotFoundError(f"cannot resume: no checkpoint at {last_ckpt}")
-    if not resume and last_ckpt.is_file():
+    check_pretrain_config(cfg)
+    resume_from: Path | None = None
+    if resume:
+        resume_from, resume_step = find_resume_checkpoint(ckpt_dir)
+    elif last_ckpt.is_file() or any(ckpt_dir.glob("step*.ckpt")):
         raise ValueError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, "
                          "or choose another train.run_dir")
     if tc.num_threads:
@@ -255,19 +437,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
             raise ValueError(f"train.init_from={tc.init_from!r} has a different model config than this run's 'model'")
         module.model.load_state_dict(init.state_dict())
         module.reset_ema()
-    dm = QM9DataModule(cfg.data)
+    dm = QM9DataModule(cfg.data, seed=tc.seed)
     log_root = run_dir / "logs"
+    if resume_from is not None:
+        _trim_replayed_logs(log_root, resume_step)
     version = _next_log_version(log_root)
     loggers: list[Any] = [CSVLogger(str(run_dir), name="logs", version=version)]
     if tc.tensorboard:
         loggers.append(TensorBoardLogger(str(run_dir), name="tb", version=version))
-    callbacks = [
-        ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:07d}", save_last=True, save_top_k=1,
-                        every_n_train_steps=tc.checkpoint_every_n_steps, auto_insert_metric_name=False),
-        ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step:07d}-val{val/loss:.4f}", monitor="val/loss",
-                        mode="min", save_top_k=1, auto_insert_metric_name=False),
-        ExportModelDir(str(run_dir), snapshot_every_n_steps),
-    ]
+    step_ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:07d}", save_last=True, save_top_k=1,
+                                every_n_train_steps=tc.checkpoint_every_n_steps, auto_insert_metric_name=False)
+    best_ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step:07d}-val{val/loss:.4f}",
+                                monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False)
+    exporter = ExportModelDir(str(run_dir), snapshot_every_n_steps)
+    callbacks = [StopOnSignal(last_ckpt), ResumeData(), step_ckpt, best_ckpt, exporter]
     trainer = pl.Trainer(
         default_root_dir=str(run_dir), max_steps=tc.max_steps, max_epochs=tc.max_epochs, max_time=tc.max_time,
         accelerator=tc.accelerator, devices=tc.devices, strategy=tc.strategy, precision=tc.precision,
@@ -276,8 +459,21 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
         limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
         logger=loggers, callbacks=callbacks, num_sanity_val_steps=0, enable_progress_bar=True,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last_ckpt) if resume else None)
+    import warnings
+
+    # Our loader resumes mid-epoch through ResumeData (not Lightning's state_dict protocol).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    try:
+        with signals.deferred():
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from is not None else None)
+    except SystemExit as err:
+        if type(err).__name__ == "SIGTERMException":  # Lightning stopped on SIGTERM outside our boundary
+            raise signals.Interrupted(15) from None
+        raise
+    finally:
+        if trainer.is_global_zero:
+            _remove_stale_checkpoints(ckpt_dir, {step_ckpt.best_model_path, best_ckpt.best_model_path})
     # Final export so the run always ends with a loadable model directory.
     if trainer.is_global_zero:
-        callbacks[2]._export(trainer, module, "model_last")
+        exporter._export(trainer, module, "model_last")
     return run_dir

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["Interrupted", "deferred", "install", "pending"]
+__all__ = ["Interrupted", "deferred", "install", "pending", "take"]
 
 
 class Interrupted(BaseException):
@@ -53,6 +53,12 @@ def install(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
 def pending() -> int | None:
     """The signal number received inside :func:`deferred` and not yet acted on, or None."""
     return _state["pending"]
+
+
+def take() -> int | None:
+    """Like :func:`pending`, and forget it (the caller acts on it, e.g. raises :class:`Interrupted`)."""
+    sig, _state["pending"] = _state["pending"], None
+    return sig
 
 
 @contextmanager

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fdc_mol.runlog import start_run
     from flowmol_ext.config import load_config
-    from flowmol_ext.lightning import PretrainConfig, pretrain
+    from flowmol_ext.lightning import PretrainConfig, check_pretrain_config, pretrain
 
     if args.resume is None and args.config is None:
         raise ValueError("give a config with -c/--config, or --resume RUN_DIR")
@@ -41,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
             overrides["train"][key] = val
     if args.data_dir is not None:
         overrides["data"]["data_dir"] = str(args.data_dir)
+    if args.resume is not None and not args.resume.is_dir():
+        raise FileNotFoundError(f"--resume {args.resume}: no such run directory")
     cfg_path = args.config if args.config is not None else args.resume / "config.yaml"
     cfg = load_config(PretrainConfig, cfg_path, overrides)
+    check_pretrain_config(cfg)  # accelerator, data, writable run dir: before anything is written
     start_run("pretrain", seed=cfg.train.seed, config=cfg, device=None, run_dir=Path(cfg.train.run_dir))
     run_dir = pretrain(cfg, resume=args.resume is not None, snapshot_every_n_steps=args.snapshot_every)
     print(f"pretraining finished; model directory: {run_dir / 'model_last'}  (load with "

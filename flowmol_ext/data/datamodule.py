@@ -2,16 +2,25 @@
 
 Each item is a COM-free molecule plus its prior x₀: a COM-free N(0, 1) draw per atom, permuted by
 a Hungarian assignment onto the molecule and rotated onto it by Kabsch (FlowMol's ``align: true``).
+
+Reproducible and resumable: the training order of epoch e is a permutation drawn from a generator
+seeded with (seed, e), and the prior of each item from a generator seeded with (seed, e, position
+in the epoch); validation priors depend on the molecule index only. Nothing depends on the global
+torch RNG or on the number of loader workers, so a run resumed mid-epoch (the sampler skips the
+batches already trained, see :meth:`EpochSampler.resume_at`) sees exactly the batches an
+uninterrupted run sees.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pydantic import Field
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from flowmol_ext.batch import MolBatch, Molecule
 from flowmol_ext.config import StrictModel
@@ -23,11 +32,64 @@ class DataConfig(StrictModel):
     """Where the processed data lives and how batches are made."""
 
     data_dir: str = "data/qm9"
-    batch_size: int = 128
-    num_workers: int = 0
+    batch_size: int = Field(default=128, ge=1)
+    num_workers: int = Field(default=0, ge=0)
     ot_align: bool = True
-    max_train_molecules: int | None = None  # subsample for smoke runs / overfit tests
-    max_val_molecules: int | None = 1000
+    max_train_molecules: int | None = Field(default=None, ge=1)  # subsample for smoke runs / overfit tests
+    max_val_molecules: int | None = Field(default=1000, ge=1)
+
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct (seed, epoch, position) give distinct seeds
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit generator seed from integers (deterministic across processes and runs)."""
+    h = 0x1234567
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * _MIX + 0x632BE5AB) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, noise_seed)`` items: a shuffled (or sequential) order per epoch.
+
+    ``set_epoch`` (called by Lightning each epoch) picks the epoch; :meth:`resume_at` makes the next
+    iteration skip the first ``n_items`` items of that epoch (a resumed run).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume_at(self, n_items: int) -> None:
+        """Skip the first ``n_items`` items of the current epoch once (mid-epoch resume)."""
+        self._skip = max(0, int(n_items))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1))
+            order = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            order = list(range(self.n))
+        skip, self._skip = self._skip, 0
+        for pos in range(skip, self.n):
+            i = order[pos]
+            yield i, (mix_seed(self.seed, self.epoch, pos, 2) if self.shuffle else mix_seed(self.seed, i, 3))
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler`; ``resume_at(batches)`` skips trained batches."""
+
+    def resume_at(self, n_batches: int) -> None:
+        self.sampler.resume_at(n_batches * int(self.batch_size))
 
 
 class AlignedPriorDataset(Dataset):
@@ -41,10 +103,15 @@ class AlignedPriorDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> tuple[Molecule, Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Molecule, Tensor]:
+        """Molecule ``i`` and its prior; ``item`` is ``i`` (global RNG) or ``(i, noise_seed)``."""
+        i, noise_seed = item if isinstance(item, tuple) else (item, None)
         mol = self.store[i]
         x1 = mol.x.float() - mol.x.float().mean(0, keepdim=True)
-        x0 = torch.randn_like(x1)
+        if noise_seed is None:
+            x0 = torch.randn_like(x1)
+        else:
+            x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(noise_seed), dtype=x1.dtype)
         x0 = x0 - x0.mean(0, keepdim=True)
         if self.ot_align and len(x1) > 1:
             x0 = ot_align_prior(x1, x0)
@@ -60,9 +127,11 @@ def collate_with_prior(items: list[tuple[Molecule, Tensor]]) -> tuple[MolBatch, 
 class QM9DataModule(pl.LightningDataModule):
     """Train/val loaders over ``data_dir`` (the output of ``fdc-mol data qm9``)."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
+        """``seed`` fixes the data order and the prior noise (pretraining passes ``train.seed``)."""
         super().__init__()
         self.cfg = cfg
+        self.seed = int(seed)
         self.train_set: AlignedPriorDataset | None = None
         self.val_set: AlignedPriorDataset | None = None
 
@@ -75,15 +144,16 @@ class QM9DataModule(pl.LightningDataModule):
             self.val_set = AlignedPriorDataset(load_split(root, "val"), self.cfg.ot_align,
                                                self.cfg.max_val_molecules)
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            ds, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
-            collate_fn=collate_with_prior, persistent_workers=self.cfg.num_workers > 0,
+    def _loader(self, ds: Dataset, shuffle: bool) -> ResumableLoader:
+        return ResumableLoader(
+            ds, batch_size=self.cfg.batch_size, sampler=EpochSampler(len(ds), self.seed, shuffle),
+            num_workers=self.cfg.num_workers, collate_fn=collate_with_prior,
+            persistent_workers=self.cfg.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ResumableLoader:
         # FlowMol v2.0 validated on the *train* set by mistake; we use the val split.
         return self._loader(self.val_set, shuffle=False)

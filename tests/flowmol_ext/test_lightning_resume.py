@@ -1,0 +1,148 @@
+"""Pretraining reliability: exact resume (data order, priors, step randomness), fallback from a
+corrupt last.ckpt, no stale best checkpoints, no duplicated log rows, config checks before any
+output, and SIGTERM/SIGINT exit codes with a checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flowmol_ext.config import ConfigError, validate_config
+from flowmol_ext.data.qm9 import process_qm9
+from flowmol_ext.lightning import PretrainConfig, check_pretrain_config, pretrain
+from flowmol_ext.pretrained import load_model_dir
+from tests.conftest import QM9_SAMPLE_DIR
+from tests.flowmol_ext.test_lightning import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("qm9")
+    process_qm9(source="csv", path=QM9_SAMPLE_DIR / "qm9_sample.csv", data_dir=d, cache_dir=d / "cache", workers=1,
+                progress=False)
+    return d
+
+
+def _cfg_dict(data_dir: Path, run_dir: Path, max_steps: int, **train: object) -> dict:
+    # 226 training molecules in batches of 64: 4 batches per epoch, so resumes land mid-epoch
+    return {
+        "model": TINY,
+        "data": {"data_dir": str(data_dir), "batch_size": 64, "num_workers": 0, "max_val_molecules": 32},
+        "optim": {"ema_decay": 0.9},
+        "train": {"run_dir": str(run_dir), "max_steps": max_steps, "checkpoint_every_n_steps": 3,
+                  "val_every_n_steps": 3, "limit_val_batches": 1, "accelerator": "cpu", "num_threads": 1,
+                  "log_every_n_steps": 1, **train},
+    }
+
+
+def _cfg(*args: object, **kw: object) -> PretrainConfig:
+    return validate_config(PretrainConfig, _cfg_dict(*args, **kw))
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _train_steps(run: Path) -> list[int]:
+    steps = []
+    for metrics in sorted((run / "logs").glob("v*/metrics.csv")):
+        with open(metrics) as fh:
+            steps += [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+    return steps
+
+
+def test_resume_after_a_kill_with_a_truncated_last_ckpt_equals_the_uninterrupted_run(
+        data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    pretrain(_cfg(data_dir, straight, 10))
+    pretrain(_cfg(data_dir, killed, 8))  # a run that got further than its step checkpoint ...
+    ckpts = killed / "checkpoints"
+    assert (ckpts / "step0000006.ckpt").is_file()
+    data = (ckpts / "last.ckpt").read_bytes()
+    (ckpts / "last.ckpt").write_bytes(data[: len(data) // 2])  # ... and died writing last.ckpt (full disk)
+    shutil.copy(next(ckpts.glob("best-*.ckpt")), ckpts / "best-step0000008-val0.0001.ckpt")  # a best of lost steps
+    with caplog.at_level(logging.WARNING):
+        pretrain(_cfg(data_dir, killed, 10), resume=True)
+    assert any("step0000006.ckpt" in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst == 0.0, f"resumed weights differ by up to {worst}"  # bit-identical on CPU
+    assert load_model_dir(killed / "model_last").metadata["global_step"] == 10
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == sorted(
+        p.name for p in (straight / "checkpoints").glob("*.ckpt"))  # one best, one step checkpoint, last
+    steps = _train_steps(killed)
+    assert len(steps) == len(set(steps)) and sorted(steps) == sorted(_train_steps(straight))
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("train", "accelerator", "tpu"), ("train", "max_time", "banana"), ("train", "max_steps", -5),
+    ("data", "batch_size", 0), ("optim", "lr", -0.1), ("data", "num_workers", -1),
+])
+def test_bad_values_are_rejected_at_load_naming_the_key(data_dir: Path, tmp_path: Path, section: str, key: str,
+                                                        value: object) -> None:
+    d = _cfg_dict(data_dir, tmp_path / "run", 3)
+    d[section][key] = value
+    with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        validate_config(PretrainConfig, d)
+
+
+def test_gpu_without_gpu_and_read_only_run_dir_fail_before_any_output(data_dir: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.accelerator"):
+            pretrain(_cfg(data_dir, tmp_path / "run", 3, accelerator="gpu"))
+        assert not (tmp_path / "run").exists()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        # root ignores permission bits: use a folder of a read-only file system then
+        target = ro / "run" if not os.access(ro, os.W_OK) else Path("/proc/fdc_mol_run")
+        with pytest.raises(ValueError, match="train.run_dir: cannot write"):
+            check_pretrain_config(_cfg(data_dir, target, 3))
+    finally:
+        ro.chmod(0o755)
+
+
+def _cli_pretrain(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fdc_mol.cli", "pretrain", "-c", str(cfg_path), *extra],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_exits_128_plus_signum_after_saving_a_checkpoint(data_dir: Path, tmp_path: Path, sig: int,
+                                                                code: int) -> None:
+    run = tmp_path / "run"
+    cfg = _cfg_dict(data_dir, run, 100_000, checkpoint_every_n_steps=2, val_every_n_steps=1000)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _cli_pretrain(tmp_path / "c.yaml")
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "step0000002.ckpt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert signal.Signals(sig).name in err.strip().splitlines()[-1]
+    step = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert step >= 2
+    # the interrupted run resumes and continues where it stopped
+    resumed = subprocess.run([sys.executable, "-m", "fdc_mol.cli", "pretrain", "--resume", str(run), "--max-steps",
+                              str(step + 2)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_model_dir(run / "model_last").metadata["global_step"] == step + 2
