@@ -1,13 +1,63 @@
-"""Typed configs of the application (strict: unknown keys are rejected with the key named)."""
+"""Typed configs of the application (strict: unknown keys are rejected with the key named).
+
+Names say which quantity they are (three different η's meet in one run):
+- ``mirror_eta``: the FDC mirror-descent step η_k (reward scale 1/η_k of stage k);
+- ``sampler.stochasticity``: the CTMC re-masking rate of the discrete flows (FlowMol's "η");
+- the schedule's η_t = α'(1 − α)/α of the memoryless SDE is not a setting.
+``kl_weight`` is the α of G = F − α·KL (for plain adjoint matching: the reward multiplier is 1/α);
+``algorithm`` (fdc | am) and ``reward.level`` (gfn1 | gfn2 | mmff94) replace the two ``method`` keys.
+Configs written with the old names (method, eta, eta_schedule, alpha, reward.method) still load, with a
+deprecation message naming the new key.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from fdc_mol.fdc.adjoint_matching import AMConfig
 from flowmol_ext.config import StrictModel
+from flowmol_ext.model.sampler import SamplerConfig
+
+__all__ = ["UtilityConfig", "RewardConfig", "EvaluationConfig", "FinetuneConfig", "config_path", "CONFIG_DIR",
+           "DEPRECATED_KEYS"]
+
+log = logging.getLogger("fdc_mol.config")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+DEPRECATED_KEYS = {"method": "algorithm", "eta": "mirror_eta", "eta_schedule": "mirror_eta_schedule",
+                   "alpha": "kl_weight"}
+DEPRECATED_REWARD_KEYS = {"method": "level"}
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file by path, or by name from the package's ``fdc_mol/configs`` (``fdc_demo_cpu`` or
+    ``fdc_demo_cpu.yaml``). Raises FileNotFoundError listing the shipped names."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if str(name_or_path) == p.name and cand.is_file():
+            return cand
+    names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {str(name_or_path)!r}: no such file, and not a shipped config name ({names})")
+
+
+def _rename(data: dict[str, Any], table: dict[str, str], where: str) -> dict[str, Any]:
+    out = dict(data)
+    for old, new in table.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"'{where}{old}' is the deprecated name of '{where}{new}'; give only '{where}{new}'")
+            msg = f"config key '{where}{old}' is deprecated: use '{where}{new}'"
+            warnings.warn(msg, DeprecationWarning, stacklevel=4)
+            log.warning(msg)
+            out[new] = out.pop(old)
+    return out
 
 
 class UtilityConfig(StrictModel):
@@ -17,64 +67,90 @@ class UtilityConfig(StrictModel):
     beta: float = Field(0.998, gt=0.0, lt=1.0)
 
 
-class EnergyRewardConfig(StrictModel):
-    """The reward r = −E (Hartree) from the reward layer; GFN1-xTB via tblite as in the paper."""
+class RewardConfig(StrictModel):
+    """The reward r (Hartree) of each molecule.
 
-    method: Literal["gfn1", "gfn2", "mmff94"] = "gfn1"
+    kind: ``energy`` r = −E (the paper's, GFN1-xTB); ``composition_corrected`` r = −(E − Σ_el n_el ε_el) with
+    per-element reference energies ε_el fitted on QM9 (:mod:`fdc_mol.rewards.composition`), so that the
+    reward measures geometry and bonding rather than the element counts (−E is 99.85 % composition).
+    grad_clip_per_atom: clip each atom's ∇r to this norm (Eh/Å) before the utility (null = off).
+    train_min_distance_scale: the reward gate during fine-tuning rejects atom pairs closer than this
+    fraction of the sum of their covalent radii (bond-aware clash gate; null = the strict evaluation gate,
+    0.9 Å for every pair). Evaluation always uses the strict gate.
+    """
+
+    level: Literal["gfn1", "gfn2", "mmff94"] = "gfn1"
     engine: Literal["tblite", "xtb", "rdkit"] | None = None
+    kind: Literal["energy", "composition_corrected"] = "energy"
     executor: str = "local:2"
     timeout_s: float = Field(30.0, gt=0)
     cache_dir: str | None = None
+    grad_clip_per_atom: float | None = Field(None, gt=0)
+    train_min_distance_scale: float | None = Field(None, gt=0, lt=1.5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated(cls, data: Any) -> Any:
+        return _rename(data, DEPRECATED_REWARD_KEYS, "reward.") if isinstance(data, dict) else data
 
 
-class MolSamplerConfig(StrictModel):
-    """CTMC settings of the molecular sampler (positions always use the memoryless SDE here)."""
+class EvaluationConfig(StrictModel):
+    """How each iteration is evaluated: common random numbers (the same sizes, initial noise and CTMC draws
+    for every iteration and every run with the same seed), the first sampler is the primary one (its
+    samples also fit the utility), the others are reported beside it with a prefix (``sde_...``)."""
 
-    stochasticity: float = Field(30.0, ge=0)
-    temperature: float = Field(0.05, gt=0)
-    hc_thresh: float = Field(0.9, ge=0, le=1)
+    samplers: list[Literal["ode", "sde"]] = Field(default_factory=lambda: ["ode", "sde"], min_length=1)
+    n_boot: int = Field(1000, ge=10, description="bootstrap resamples for the 95 % intervals")
 
 
 class FinetuneConfig(StrictModel):
     """``fdc-mol finetune``: FDC (or the plain adjoint-matching baseline) on a pretrained FlowMol model.
 
-    method fdc: K outer iterations; each fits the utility's first variation on ``n_fit`` fresh samples of
-    the current model, then runs ``am_steps_per_iteration`` AM steps with terminal gradient ∇g_k/η_k.
-    method am: one stage of ``am_steps_per_iteration`` steps toward the expected reward with KL weight α
-    (reward multiplier λ = 1/α), the paper's baseline. Set K = 1 for AM.
+    algorithm fdc: K outer iterations; each fits the utility's first variation on ``n_fit`` samples of the
+    current model (the evaluation samples of the previous iteration), then runs ``am_steps_per_iteration`` AM
+    steps with terminal gradient ∇g_k/η_k. algorithm am: one stage of ``am_steps_per_iteration`` steps toward
+    the expected reward with KL weight α (reward multiplier 1/α), the paper's baseline; set K = 1.
     """
 
     run_dir: str = "runs/fdc_novelty_energy"
     seed: int = 0
     model: str = "qm9_small"
-    device: str = "auto"
-    method: Literal["fdc", "am"] = "fdc"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    algorithm: Literal["fdc", "am"] = "fdc"
     K: int = Field(10, ge=1, description="outer iterations")
     am_steps_per_iteration: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0)
-    eta: float = Field(0.01, gt=0, description="FDC mirror-descent step η_k (reward scale 1/η)")
-    eta_schedule: Literal["constant", "harmonic"] = "constant"
-    alpha: float = Field(0.0, ge=0, description="KL weight; for method am the reward multiplier is 1/alpha")
+    mirror_eta: float = Field(0.01, gt=0, description="FDC mirror-descent step η_k (reward scale 1/η)")
+    mirror_eta_schedule: Literal["constant", "harmonic"] = "constant"
+    kl_weight: float = Field(0.0, ge=0, description="α of G = F − α KL; for algorithm am the reward multiplier is 1/α")
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
-    novelty_kde_weight: float = Field(0.0, ge=0, description="weight of the KDE novelty term (−log p̂); 0 = paper")
-    n_fit: int = Field(5000, ge=8, description="samples per outer iteration to estimate quantiles and metrics")
-    sample_steps: int = Field(40, ge=2, description="integration steps of the fit/evaluation samples")
+    novelty_kde_weight: float = Field(0.0, ge=0, description="weight w of the KDE novelty term w·(−E log p̂)")
+    n_fit: int = Field(5000, ge=8, description="samples per iteration: evaluation and the utility's fit")
+    sample_steps: int = Field(100, ge=2, description="integration steps of the evaluation/fit samples")
     n_atoms: int | None = Field(None, ge=2, description="fixed molecule size; default: the training histogram")
     trainable: Literal["all", "positions"] = Field(
         "positions", description="positions = only the position updaters ([FE] App. G.5.1); all = every parameter")
     am: AMConfig = Field(default_factory=lambda: AMConfig(n_traj=64, steps=40, lct=None, grad_clip_norm=1.0))
-    sampler: MolSamplerConfig = Field(default_factory=MolSamplerConfig)
-    reward: EnergyRewardConfig = Field(default_factory=EnergyRewardConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     data_dir: str | None = Field("data/qm9", description="processed QM9 for novelty (skipped when absent)")
     write_sdf: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated(cls, data: Any) -> Any:
+        return _rename(data, DEPRECATED_KEYS, "") if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
-        if self.method == "am":
-            if self.alpha <= 0:
-                raise ValueError("method 'am' needs alpha > 0 (the reward multiplier is 1/alpha)")
+        if self.algorithm == "am":
+            if self.kl_weight <= 0:
+                raise ValueError("algorithm 'am' needs kl_weight > 0 (the reward multiplier is 1/kl_weight)")
             if self.K != 1:
-                raise ValueError("method 'am' is a single stage: set K: 1 (give the budget in am_steps_per_iteration)")
-        if self.method == "fdc" and self.alpha > 0:
-            raise ValueError("alpha > 0 (KL regularisation) is not implemented for FDC on molecules; use alpha: 0")
+                raise ValueError("algorithm 'am' is a single stage: set K: 1 (give the budget in "
+                                 "am_steps_per_iteration)")
+        if self.algorithm == "fdc" and self.kl_weight > 0:
+            raise ValueError("kl_weight > 0 (KL regularisation) is not implemented for FDC on molecules: the "
+                             "FlowMol score at t = 1 − ε needs the discrete states; use kl_weight: 0")
         return self

@@ -10,6 +10,7 @@ COMMANDS: dict[str, str] = {
     "sample": "fdc_mol.commands.sample",
     "evaluate": "fdc_mol.commands.evaluate",
     "finetune": "fdc_mol.commands.finetune",
+    "compare": "fdc_mol.commands.compare",
     "demo": "fdc_mol.commands.demo",
     "toy": "fdc_mol.commands.toy",
 }

@@ -1,8 +1,8 @@
 """``fdc-mol demo``: the main job on the shipped checkpoint, on CPU, in minutes.
 
-Fine-tunes the shipped ``qm9_small`` model with FDC toward molecules of low GFN1-xTB energy
-(novelty-seeking super-quantile of r = −E), then prints pre-trained vs FDC and where the SDF is.
-The settings are ``configs/fdc_demo_cpu.yaml`` (a test keeps the two identical).
+Runs the shipped config ``fdc_demo_cpu`` (``fdc_mol/configs/fdc_demo_cpu.yaml``, the only copy) and prints the
+pre-trained model against FDC under common random numbers (same sizes, noise and CTMC draws), with 95 %
+bootstrap intervals and the paired per-molecule difference, and where the SDF files are.
 """
 
 from __future__ import annotations
@@ -10,35 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "Run FDC on the shipped QM9 model toward low xTB energy (CPU, about 10 minutes) and print the result."
-
-DEMO_CONFIG = {
-    "run_dir": "runs/demo",
-    "seed": 0,
-    "model": "qm9_small",
-    "device": "cpu",
-    "method": "fdc",
-    "K": 2,
-    "am_steps_per_iteration": 2,
-    "lr": 1.0e-4,
-    "eta": 0.01,
-    "alpha": 0.0,
-    "utility": {"kind": "superquantile", "beta": 0.75},
-    "novelty_kde_weight": 0.0,
-    "n_fit": 64,
-    "sample_steps": 100,
-    "trainable": "positions",
-    "am": {"n_traj": 16, "steps": 50, "final_frac": 0.25, "random_frac": 0.25, "lct": None, "grad_clip_norm": 1.0},
-    "sampler": {"stochasticity": 30.0, "temperature": 0.05, "hc_thresh": 0.9},
-    "reward": {"method": "gfn1", "engine": "tblite", "executor": "local:2", "timeout_s": 30.0, "cache_dir": None},
-    "data_dir": "data/qm9",
-    "write_sdf": True,
-}
+HELP = "Run FDC on the shipped QM9 model (config fdc_demo_cpu; CPU, under 10 minutes) and print the result."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default="fdc_demo_cpu", help="config name or file (default: fdc_demo_cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,26 +24,25 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fdc_mol.commands.finetune import run_finetune
-    from fdc_mol.config import FinetuneConfig
-    from fdc_mol.report import format_table
+    from fdc_mol.commands.finetune import format_finetune_table, load_finetune_config, run_finetune
 
     torch.set_num_threads(2)
     t0 = time.time()
-    cfg = FinetuneConfig.model_validate({**DEMO_CONFIG, "run_dir": str(args.run_dir), "seed": args.seed})
+    cfg = load_finetune_config(args.config, run_dir=args.run_dir, seed=args.seed)
     rows = run_finetune(cfg, print_table=False)
-    first, last = rows[0], rows[-1]
     print()
-    print(f"FDC demo: {cfg.K} outer iterations x {cfg.am_steps_per_iteration} adjoint-matching steps, "
-          f"novelty-seeking SQ_β (β = {cfg.utility.beta}) of r = −E(GFN1-xTB), {cfg.n_fit} samples per row")
-    print(format_table(["model", "E[r] (Eh)", "SQ_β (Eh)", "validity", "mol. stability", "mean atoms"],
-                       [["pre-trained", first["mean_reward"], first["sq_beta"], first["validity"],
-                         first["molecule_stability"], first["mean_n_atoms"]],
-                        ["FDC", last["mean_reward"], last["sq_beta"], last["validity"],
-                         last["molecule_stability"], last["mean_n_atoms"]]]))
-    sdf = Path(cfg.run_dir) / "samples" / f"iteration_{cfg.K:03d}.sdf"
-    print(f"\nFDC molecules with energies (SDF): {sdf}")
-    print(f"pre-trained molecules (SDF):       {Path(cfg.run_dir) / 'samples' / 'iteration_000.sdf'}")
-    print(f"metrics: {Path(cfg.run_dir) / 'metrics.csv'}   plots: {Path(cfg.run_dir) / 'plots.png'}")
+    print(f"FDC demo ({cfg.model}): {cfg.K} outer iterations x {cfg.am_steps_per_iteration} adjoint-matching steps "
+          f"of {cfg.am.n_traj} trajectories, {cfg.utility.kind} (β = {cfg.utility.beta}) of the "
+          f"{cfg.reward.kind} reward ({cfg.reward.level}); {cfg.n_fit} molecules per row, seed {cfg.seed}")
+    print(format_finetune_table([rows[0], rows[-1]], cfg))
+    last = rows[-1]
+    for s in cfg.evaluation.samplers[1:]:
+        print(f"{s} sampler beside it: SQ_β {rows[0].get(f'{s}_sq_beta', float('nan')):.4g} -> "
+              f"{last.get(f'{s}_sq_beta', float('nan')):.4g}, validity {rows[0].get(f'{s}_validity', float('nan')):.3f}"
+              f" -> {last.get(f'{s}_validity', float('nan')):.3f}")
+    run_dir = Path(cfg.run_dir)
+    print(f"\nFDC molecules with rewards (SDF): {run_dir / 'samples' / f'iteration_{cfg.K:03d}.sdf'}")
+    print(f"pre-trained molecules (SDF):       {run_dir / 'samples' / 'iteration_000.sdf'}")
+    print(f"metrics: {run_dir / 'metrics.csv'}   plots: {run_dir / 'plots.png'}")
     print(f"demo wall time: {time.time() - t0:.0f} s")
     return 0

@@ -4,34 +4,42 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-HELP = "Fine-tune a pretrained generator with FDC (or plain adjoint matching) toward low xTB energy; resumable."
+HELP = "Fine-tune a pretrained generator with FDC (or plain adjoint matching) toward a reward; resumable."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", type=Path, required=True, help="configs/fdc_novelty_energy.yaml, ...")
+    p.add_argument("-c", "--config", required=True,
+                   help="a YAML file, or the name of a shipped config (fdc_demo_cpu, fdc_novelty_energy, am_energy, "
+                        "...; see fdc_mol/configs)")
     p.add_argument("--run-dir", type=Path, help="override run_dir")
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--model", help="override model (registry name, model dir, official checkpoint)")
     p.add_argument("--device", help="override device (cpu, cuda, auto)")
 
 
-def load_finetune_config(args: argparse.Namespace):  # noqa: ANN201
-    from fdc_mol.config import FinetuneConfig
+def load_finetune_config(config: str | Path, **overrides: Any):  # noqa: ANN201 - FinetuneConfig
+    """The FinetuneConfig of a file or shipped name, with non-None overrides (run_dir, seed, model, device)."""
+    from fdc_mol.config import FinetuneConfig, config_path
     from flowmol_ext.config import load_config
 
-    over = {k: (str(v) if isinstance(v, Path) else v) for k, v in
-            (("run_dir", args.run_dir), ("seed", args.seed), ("model", args.model), ("device", args.device))
-            if v is not None}
-    return load_config(FinetuneConfig, args.config, over)
+    over = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items() if v is not None}
+    return load_config(FinetuneConfig, config_path(config), over)
 
 
-def run_finetune(cfg, *, print_table: bool = True) -> list[dict]:  # noqa: ANN001
+def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Equal configs, with run_dir compared as resolved paths (relative vs absolute spelling)."""
+    a, b = dict(old), dict(new)
+    ra, rb = Path(str(a.pop("run_dir", ""))).resolve(), Path(str(b.pop("run_dir", ""))).resolve()
+    return a == b and ra == rb
+
+
+def run_finetune(cfg, *, print_table: bool = True, model: Any = None, reward: Any = None) -> list[dict]:  # noqa: ANN001
     """Run or resume ``cfg`` in its run directory; refuse a run directory that holds another config."""
     import yaml
 
-    from fdc_mol.fdc.molecular import MolecularFDC
-    from fdc_mol.report import format_table
+    from fdc_mol.molecular.job import FinetuneJob
     from fdc_mol.runlog import start_run
     from flowmol_ext.config import dump_config
 
@@ -39,12 +47,12 @@ def run_finetune(cfg, *, print_table: bool = True) -> list[dict]:  # noqa: ANN00
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = yaml.safe_load(saved.read_text())
-        if old != cfg.model_dump(mode="json"):
+        if not _same_run(old, cfg.model_dump(mode="json")):
             raise ValueError(f"{run_dir} holds a run with a different config ({saved}); choose another run_dir "
                              "or delete it")
-    start_run(f"finetune ({cfg.method})", seed=cfg.seed, config=cfg, device=cfg.device, run_dir=run_dir)
+    start_run(f"finetune ({cfg.algorithm})", seed=cfg.seed, config=cfg, device=cfg.device, run_dir=run_dir)
     dump_config(cfg, saved)
-    job = MolecularFDC(cfg)
+    job = FinetuneJob(cfg, model=model, reward=reward)
     try:
         rows = job.run()
     finally:
@@ -52,15 +60,37 @@ def run_finetune(cfg, *, print_table: bool = True) -> list[dict]:  # noqa: ANN00
         if close:
             close()
     if print_table:
-        print(format_table(["iteration", "E[r] (Eh)", f"SQ_β (β={cfg.utility.beta})", "validity", "mol. stab.",
-                            "uniq.", "novelty", "atoms", "E/atom (Eh)"],
-                           [[r["iteration"], r["mean_reward"], r["sq_beta"], r["validity"], r["molecule_stability"],
-                             r["uniqueness"], r["novelty"], r["mean_n_atoms"], r["mean_energy_per_atom"]]
-                            for r in rows]))
+        print(format_finetune_table(rows, cfg))
         print(f"run directory: {run_dir}  (metrics.csv, plots.png, samples/iteration_*.sdf, model/)")
     return rows
 
 
+def _ci(row: dict[str, Any], key: str) -> str:
+    v, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if v is None or lo is None or hi is None:
+        return "" if v is None else f"{v:.4g}"
+    return f"{v:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def format_finetune_table(rows: list[dict[str, Any]], cfg: Any) -> str:
+    """Iterations with 95 % bootstrap intervals and the paired difference to iteration 0 (primary sampler)."""
+    from fdc_mol.report import format_table
+
+    sampler = cfg.evaluation.samplers[0]
+    head = ["iteration", "E[r] (Eh) [95% CI]", f"SQ_β (β={cfg.utility.beta}) [95% CI]",
+            "paired Δr vs 0 [95% CI] (n)", "validity", "mol. stab.", "uniq.", "novelty", "comp. TV"]
+    body = []
+    for r in rows:
+        paired = "" if "paired_delta" not in r or r["iteration"] == 0 else \
+            f"{_ci(r, 'paired_delta')} ({int(r.get('n_paired', 0))})"
+        body.append([r["iteration"], _ci(r, "mean_reward"), _ci(r, "sq_beta"), paired, r.get("validity"),
+                     r.get("molecule_stability"), r.get("uniqueness"), r.get("novelty"), r.get("composition_tv")])
+    return f"sampler: {sampler} (common random numbers); reward: {cfg.reward.kind} ({cfg.reward.level})\n" + \
+        format_table(head, body)
+
+
 def run(args: argparse.Namespace) -> int:
-    run_finetune(load_finetune_config(args))
+    cfg = load_finetune_config(args.config, run_dir=args.run_dir, seed=args.seed, model=args.model,
+                               device=args.device)
+    run_finetune(cfg)
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +26,17 @@ from flowmol_ext.config import StrictModel
 
 from .flow import FlowModel, Trajectory, per_sample_sqnorm
 
-__all__ = ["AMConfig", "timestep_subset", "lean_adjoint", "am_loss", "am_loss_for_trajectory", "am_step"]
+__all__ = [
+    "AMConfig",
+    "AMStepOutput",
+    "TerminalGradFn",
+    "timestep_subset",
+    "lean_adjoint",
+    "am_loss",
+    "am_loss_for_trajectory",
+    "am_step_loss",
+    "am_step",
+]
 
 TerminalGradFn = Callable[[Tensor, Trajectory], Tensor]
 
@@ -124,19 +135,94 @@ def am_loss_for_trajectory(
     """Differentiable scalar loss mean_batch Σ_{k ∈ indices} of :func:`am_loss` on one recorded trajectory.
 
     Pure: no sampling and no optimizer; usable inside a Lightning training_step.
+
+    When gradients are enabled and ``fine`` is an ``nn.Module``, the parameter gradient is computed here,
+    one timestep at a time (forward, backward, free), so memory stays at one network graph instead of
+    ``len(indices)`` graphs; the returned loss carries that gradient (``loss.backward()`` puts
+    Σ_k ∂L_k/∂θ, times the incoming gradient, into the trainable parameters' ``.grad``). Its value and
+    gradient equal the all-graphs-at-once form up to float rounding (the order of the Σ_k accumulation).
     """
     if traj.xs is None:
         raise ValueError("am_loss_for_trajectory needs a recorded trajectory")
     h = 1.0 / traj.steps
-    total = torch.zeros(traj.n, dtype=traj.xs.dtype, device=traj.xs.device)
-    for k in indices.tolist():
+    ks = indices.tolist()
+    for k in ks:
         if not 1 <= k <= traj.steps - 1:
             raise ValueError(f"timestep index {k} outside 1..{traj.steps - 1} (t = 0 and t = 1 are excluded)")
+
+    def term(k: int) -> Tensor:
         t = float(traj.times[k])
         sigma = fine.schedule.sigma(torch.tensor(t), h)
         v = fine.velocity(traj.xs[k].detach(), t, k, traj)
-        total = total + am_loss(v, v_base[k], adj[k], sigma, traj, clip)
-    return total.mean()
+        return am_loss(v, v_base[k], adj[k], sigma, traj, clip)
+
+    total = torch.zeros(traj.n, dtype=traj.xs.dtype, device=traj.xs.device)
+    params = ([p for p in fine.parameters() if p.requires_grad]
+              if torch.is_grad_enabled() and isinstance(fine, torch.nn.Module) else [])
+    if not params:  # no trainable parameters (or no autograd): the plain graph
+        for k in ks:
+            total = total + term(k)
+        return total.mean()
+    grads: list[Tensor | None] = [None] * len(params)
+    for k in ks:
+        loss_k = term(k)
+        # d mean_i(Σ_k L_k,i) / d L_k,i = 1/n, as the mean's backward hands to every term.
+        g_k = torch.autograd.grad(loss_k, params, grad_outputs=torch.full_like(loss_k, 1.0 / traj.n),
+                                  allow_unused=True)
+        grads = [g if acc is None else (acc if g is None else acc.add_(g)) for acc, g in zip(grads, g_k)]
+        total = total + loss_k.detach()
+    value = total.mean()
+    # value + (s − s.detach()) has the value of ``value`` and gradient Σ_k ∂L_k/∂θ in every parameter.
+    surrogate = sum(((p * g).sum() for p, g in zip(params, grads) if g is not None), value.new_zeros(()))
+    return value + (surrogate - surrogate.detach())
+
+
+@dataclass
+class AMStepOutput:
+    """One adjoint-matching step before the optimizer: the differentiable loss and what to log.
+
+    metrics: loss; terminal_grad_norm (mean per-sample ‖∇g/η‖); n_traj; n_signal (trajectories whose terminal
+    gradient is non-zero, e.g. scored and in the SQ tail); n_scored (trajectories with a finite reward, when the
+    terminal-gradient function reports it in ``traj.extras['n_scored']``).
+    """
+
+    loss: Tensor
+    metrics: dict[str, float]
+
+
+def am_step_loss(
+    fine: FlowModel,
+    base: FlowModel,
+    terminal_grad_fn: TerminalGradFn,
+    cfg: AMConfig,
+    *,
+    lam: float = 1.0,
+    generator: torch.Generator | None = None,
+    timestep_generator: torch.Generator | None = None,
+) -> AMStepOutput:
+    """THE adjoint-matching step (fdc.md §4.2) up to the loss: sample → lean adjoint → loss.
+
+    Samples ``cfg.n_traj`` trajectories of ``fine`` with the memoryless SDE (recorded), evaluates the terminal
+    gradient ∇g(x1) (NaN → 0), runs the lean adjoint through ``base`` and returns the differentiable loss on
+    the timestep subset, each term clipped at LCT·λ². Used by :func:`am_step` (a plain optimizer) and by the
+    molecular LightningModule (Lightning's optimizer), so both run exactly this code.
+    """
+    traj = fine.sample(cfg.n_traj, cfg.steps, memoryless=True, record=True, generator=generator)
+    g = terminal_grad_fn(traj.x1.detach(), traj)
+    if g.shape != traj.x1.shape:
+        raise ValueError(f"terminal_grad_fn returned shape {tuple(g.shape)}, expected {tuple(traj.x1.shape)}")
+    g = torch.nan_to_num(g, nan=0.0)
+    adj, v_base = lean_adjoint(base, traj, g)
+    idx = timestep_subset(cfg.steps, cfg.final_frac, cfg.random_frac,
+                          timestep_generator if timestep_generator is not None else generator)
+    clip = None if cfg.lct is None else cfg.lct * lam**2
+    loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip)
+    gnorm = per_sample_sqnorm(g, traj).sqrt()
+    metrics = {"loss": float(loss.detach()), "terminal_grad_norm": float(gnorm.mean()), "n_traj": float(traj.n),
+               "n_signal": float((gnorm > 0).sum())}
+    if "n_scored" in traj.extras:
+        metrics["n_scored"] = float(traj.extras["n_scored"])
+    return AMStepOutput(loss=loss, metrics=metrics)
 
 
 def am_step(
@@ -149,25 +235,16 @@ def am_step(
     lam: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
-    """One adjoint-matching optimizer step. ``lam`` (λ, the reward scale) sets the clip LCT·λ².
+    """One adjoint-matching optimizer step: :func:`am_step_loss`, backward, optional norm clip, step.
 
-    terminal_grad_fn(x1, traj) -> ∇g(x1) like x1. Returns metrics: loss, grad-norm of ∇g, mean ‖ã_T‖.
+    ``lam`` (λ, the reward scale) sets the clip LCT·λ². terminal_grad_fn(x1, traj) -> ∇g(x1) like x1.
+    Returns the metrics of :class:`AMStepOutput` plus ``param_grad_norm`` (before clipping).
     """
-    traj = fine.sample(cfg.n_traj, cfg.steps, memoryless=True, record=True, generator=generator)
-    g = terminal_grad_fn(traj.x1.detach(), traj)
-    if g.shape != traj.x1.shape:
-        raise ValueError(f"terminal_grad_fn returned shape {tuple(g.shape)}, expected {tuple(traj.x1.shape)}")
-    g = torch.nan_to_num(g, nan=0.0)
-    adj, v_base = lean_adjoint(base, traj, g)
-    idx = timestep_subset(cfg.steps, cfg.final_frac, cfg.random_frac, generator)
-    clip = None if cfg.lct is None else cfg.lct * lam**2
     optimizer.zero_grad(set_to_none=True)
-    loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip)
-    loss.backward()
-    if cfg.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(fine.parameters()), cfg.grad_clip_norm)
+    out = am_step_loss(fine, base, terminal_grad_fn, cfg, lam=lam, generator=generator)
+    out.loss.backward()
+    params = [p for p in fine.parameters() if p.requires_grad]
+    max_norm = cfg.grad_clip_norm if cfg.grad_clip_norm is not None else float("inf")
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
-    return {
-        "loss": float(loss.detach()),
-        "terminal_grad_norm": float(per_sample_sqnorm(g, traj).sqrt().mean()),
-    }
+    return {**out.metrics, "param_grad_norm": float(total)}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .density import KDE
-from .flow import TensorFlow, Trajectory, log_likelihood
+from .flow import EuclideanFlow, Trajectory, log_likelihood
 from .utilities import FitContext, Fitted, Utility
 
 __all__ = ["KL", "Renyi", "Wasserstein1", "Objective", "FittedObjective"]
@@ -47,7 +47,7 @@ class KL:
 class Renyi:
     """Rényi divergence of order β ≠ 1 with densities from the likelihood ODE ('ode') or a KDE ('kde').
 
-    'ode' needs :class:`TensorFlow` models and uses their scores at 1 − ε; 'kde' fits KDEs on samples of
+    'ode' needs :class:`EuclideanFlow` models and uses their scores at 1 − ε; 'kde' fits KDEs on samples of
     p_{k−1} and p_pre (``sample_pre`` in the context) and uses their autograd gradients. The weight
     (p/q)^{β−1} is computed in log space and clamped at ±``log_clip`` (log units) for stability.
     """
@@ -83,8 +83,8 @@ class Renyi:
 
     def _densities(self, ctx: FitContext):
         if self.density == "ode":
-            if not isinstance(ctx.model, TensorFlow) or not isinstance(ctx.pre, TensorFlow):
-                raise ValueError("Renyi density='ode' needs TensorFlow models (likelihood ODE)")
+            if not isinstance(ctx.model, EuclideanFlow) or not isinstance(ctx.pre, EuclideanFlow):
+                raise ValueError("Renyi density='ode' needs EuclideanFlow models (likelihood ODE)")
             cur, pre, t = ctx.model.copy_frozen(), ctx.pre, 1.0 - self.eps
 
             def logp(x: Tensor) -> Tensor:
@@ -218,42 +218,58 @@ class Wasserstein1:
 
 
 class FittedObjective(Fitted):
-    """The fitted G = F − α·D: value F − αD (NaN parts skipped), field ∇δF − α∇δD."""
+    """The fitted G = F − α·D + Σ_j w_j T_j: value (NaN parts skipped), field ∇δF − α∇δD + Σ_j w_j ∇δT_j."""
 
 
 class Objective:
-    """G = F − α·D. F a utility (or None: 0), D a divergence (or None), α ≥ 0."""
+    """G = F − α·D + Σ_j w_j T_j: a utility F (or None), a divergence D (or None) with weight α ≥ 0, and
+    extra weighted terms T_j (any functional with ``fit(ctx) -> Fitted``, e.g. a KDE novelty term −log p̂ of
+    conformer descriptors). Each part contributes its first-variation gradient; the loop divides by η_k.
+    """
 
-    def __init__(self, F: Utility | None, D: object | None = None, alpha: float = 0.0) -> None:
+    def __init__(self, F: Utility | None, D: object | None = None, alpha: float = 0.0,
+                 terms: Sequence[tuple[float, Utility]] = ()) -> None:
         if alpha < 0:
             raise ValueError(f"Objective alpha must be >= 0, got {alpha}")
-        if F is None and D is None:
-            raise ValueError("Objective needs a utility F or a divergence D")
+        if F is None and D is None and not terms:
+            raise ValueError("Objective needs a utility F, a divergence D or a weighted term")
+        for w, _ in terms:
+            if not math.isfinite(w):
+                raise ValueError(f"Objective term weights must be finite, got {w}")
         self.F, self.D, self.alpha = F, D, float(alpha)
+        self.terms = [(float(w), t) for w, t in terms if w != 0.0]
 
     @property
     def name(self) -> str:
         parts = [self.F.name] if self.F is not None else []
         if self.D is not None and self.alpha > 0:
             parts.append(f"{self.alpha:g}*{self.D.name}")
-        return " - ".join(parts)
+        parts += [f"{w:g}*{t.name}" for w, t in self.terms]
+        return " - ".join(parts[:2]) + "".join(f" + {p}" for p in parts[2:])
 
     def fit(self, ctx: FitContext) -> FittedObjective:
         fF = self.F.fit(ctx) if self.F is not None else None
         fD = self.D.fit(ctx) if (self.D is not None and self.alpha > 0) else None
+        fT = [(w, t.fit(ctx), t.name) for w, t in self.terms]
         alpha = self.alpha
 
         def grad_fn(x: Tensor, traj: Trajectory | None) -> Tensor:
             g = fF.grad(x, traj) if fF is not None else torch.zeros_like(x)
             if fD is not None:
                 g = g - alpha * fD.grad(x, traj)
+            for w, ft, _ in fT:
+                g = g + w * ft.grad(x, traj)
             return g
 
         vF = fF.value if fF is not None else 0.0
         vD = fD.value if fD is not None else 0.0
         value = vF - alpha * (0.0 if math.isnan(vD) else vD)
+        value += sum(w * ft.value for w, ft, _ in fT if not math.isnan(ft.value))
         info = {"F": vF, "D": vD if fD is not None else 0.0}
         if fF is not None:
             info.update({f"F_{k}": v for k, v in fF.info.items() if isinstance(v, float)})
+        for _, ft, name in fT:
+            info[name] = ft.value
+            info.update({f"{name}_{k}": v for k, v in ft.info.items() if isinstance(v, float)})
         scale = fF.grad_scale if fF is not None else 1.0
         return FittedObjective(value=value, grad_fn=grad_fn, grad_scale=scale, info=info)

@@ -29,7 +29,7 @@ __all__ = [
     "LinearSchedule",
     "Trajectory",
     "FlowModel",
-    "TensorFlow",
+    "EuclideanFlow",
     "per_sample_sqnorm",
     "log_likelihood",
 ]
@@ -145,8 +145,8 @@ def per_sample_sqnorm(v: Tensor, traj: Trajectory) -> Tensor:
     return out.index_add(0, traj.group, sq)
 
 
-class TensorFlow(nn.Module):
-    """A flow over plain tensors (n, d) whose velocity is ``net(x, t)``; samples are rows.
+class EuclideanFlow(nn.Module):
+    """A flow over plain vectors in R^d (n, d) whose velocity is ``net(x, t)``; samples are rows.
 
     net: module mapping x (n, d) and t (n, 1) to v (n, d). prior: standard normal N(0, I_d).
     Used by the 2-D illustrative settings and the tests; ``project`` is the identity.
@@ -175,7 +175,7 @@ class TensorFlow(nn.Module):
         tt = torch.tensor(float(t))
         return (self.velocity(x, float(t)) - self.schedule.kappa(tt) * x) / self.schedule.eta(tt)
 
-    def copy_frozen(self) -> TensorFlow:
+    def copy_frozen(self) -> EuclideanFlow:
         """Deep copy with gradients off, in eval mode (the base model of one AM stage)."""
         other = copy.deepcopy(self)
         for p in other.parameters():
@@ -255,3 +255,12 @@ def log_likelihood(
         x = (x - h * v.detach()).detach()
     log_p0 = -0.5 * (x.pow(2).sum(-1) + d * math.log(2 * math.pi))
     return log_p0 - div_int
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TensorFlow":  # the old, misleading name (it has nothing to do with the TensorFlow library)
+        import warnings
+
+        warnings.warn("fdc_mol.fdc.flow.TensorFlow was renamed EuclideanFlow", DeprecationWarning, stacklevel=2)
+        return EuclideanFlow
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

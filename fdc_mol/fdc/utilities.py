@@ -50,7 +50,9 @@ class FitContext:
 
     x: (n, ...) samples of the current model p_{k−1} (final states); traj: their trajectory or None;
     model: the current base π_{k−1}; pre: the frozen pre-trained π_pre; reward: the reward oracle;
-    sample_current / sample_pre: callables n -> fresh samples (n, ...) of p_{k−1} / p_pre.
+    sample_current / sample_pre: callables n -> fresh samples (n, ...) of p_{k−1} / p_pre;
+    rewards: (n,) the rewards of ``x`` when already computed (e.g. by the evaluation of iteration k − 1),
+    so reward utilities do not score the same samples twice (NaN for failures).
     """
 
     x: Tensor
@@ -60,6 +62,7 @@ class FitContext:
     reward: RewardOracle | None = None
     sample_current: Callable[[int], Tensor] | None = None
     sample_pre: Callable[[int], Tensor] | None = None
+    rewards: Tensor | None = None
 
 
 @dataclass
@@ -141,8 +144,11 @@ class _RewardUtility:
     def fit(self, ctx: FitContext) -> Fitted:
         if ctx.reward is None:
             raise ValueError(f"utility {self.name} needs a reward oracle in the fit context")
-        with torch.no_grad():
-            r, _ = ctx.reward(ctx.x, ctx.traj)
+        if ctx.rewards is not None:
+            r = torch.as_tensor(ctx.rewards)
+        else:
+            with torch.no_grad():
+                r, _ = ctx.reward(ctx.x, ctx.traj)
         ok = torch.isfinite(r)
         if int(ok.sum()) < 2:
             raise ValueError(f"utility {self.name}: fewer than 2 finite rewards among {r.numel()} samples")

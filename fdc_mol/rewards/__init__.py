@@ -6,7 +6,7 @@ d r/dx (Hartree/Å); failed molecules get NaN and a reason. See :mod:`fdc_mol.re
 
 from fdc_mol.rewards.base import MolSpec, RewardResult, RewardSettings, spec_from_molecule
 from fdc_mol.rewards.parallel import SerialExecutor, make_executor
-from fdc_mol.rewards.reward import EnergyReward, make_reward
+from fdc_mol.rewards.reward import EnergyReward, make_molecular_reward, make_reward
 
 __all__ = [
     "EnergyReward",
@@ -15,6 +15,7 @@ __all__ = [
     "RewardSettings",
     "SerialExecutor",
     "make_executor",
+    "make_molecular_reward",
     "make_reward",
     "spec_from_molecule",
 ]

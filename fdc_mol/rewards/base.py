@@ -19,6 +19,7 @@ from flowmol_ext.config import StrictModel
 
 __all__ = [
     "ANGSTROM_PER_BOHR",
+    "COVALENT_RADII_A",
     "ATOMIC_NUMBERS",
     "HARTREE_PER_KCAL_MOL",
     "HARTREE_PER_KELVIN",
@@ -32,6 +33,8 @@ ANGSTROM_PER_BOHR = 0.529177210903  # CODATA 2018
 HARTREE_PER_KCAL_MOL = 1.0 / 627.5094740631  # CODATA 2018
 HARTREE_PER_KELVIN = 3.166808578545117e-6  # Boltzmann constant in Eh/K (tblite's factor)
 ATOMIC_NUMBERS: dict[str, int] = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
+# Single-bond covalent radii in Å (Cordero et al., Dalton Trans. 2008; C sp3), by atomic number.
+COVALENT_RADII_A: dict[int, float] = {1: 0.31, 6: 0.76, 7: 0.71, 8: 0.66, 9: 0.57}
 _Z_OF_TYPE = np.array([ATOMIC_NUMBERS[s] for s in ATOM_TYPES], dtype=np.int64)
 
 METHOD_LABEL = {"gfn1": "gfn1-xtb", "gfn2": "gfn2-xtb", "mmff94": "mmff94"}
@@ -90,6 +93,9 @@ class RewardSettings(StrictModel):
     # validity gate
     sanitize: bool = True
     min_distance_A: float | None = Field(0.9, ge=0.0, le=5.0)
+    min_distance_scale: float | None = Field(
+        None, gt=0.0, lt=1.5, description="bond-aware clash gate: reject pairs closer than this fraction of the "
+        "sum of their covalent radii (COVALENT_RADII_A); replaces min_distance_A when set")
     require_connected: bool = True
     allow_radicals: bool = False
     max_abs_coordinate_A: float = Field(1000.0, gt=0.0)

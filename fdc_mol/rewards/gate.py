@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fdc_mol.rewards.base import MolSpec, RewardSettings
+from fdc_mol.rewards.base import COVALENT_RADII_A, MolSpec, RewardSettings
 
 __all__ = ["check_gate", "spin_uhf", "spec_to_rdkit"]
 
@@ -105,7 +105,21 @@ def check_gate(spec: MolSpec, settings: RewardSettings) -> str:
     big = float(np.abs(spec.x).max())
     if big > settings.max_abs_coordinate_A:
         return f"exploded coordinates: max |x| = {big:.3g} Å > {settings.max_abs_coordinate_A:g} Å"
-    if settings.min_distance_A is not None and n > 1:
+    if settings.min_distance_scale is not None and n > 1:
+        d = np.sqrt(((spec.x[:, None, :] - spec.x[None, :, :]) ** 2).sum(-1))
+        rad = np.array([COVALENT_RADII_A.get(int(z), 0.75) for z in spec.z])
+        limit = settings.min_distance_scale * (rad[:, None] + rad[None, :])
+        ratio = d / limit
+        ratio[np.diag_indices(n)] = np.inf
+        k = int(np.argmin(ratio))
+        i, j = divmod(k, n)
+        if ratio[i, j] < 1.0:
+            i, j = min(i, j), max(i, j)
+            return (
+                f"overlapping atoms: {_SYMBOL[int(spec.z[i])]}{i} and {_SYMBOL[int(spec.z[j])]}{j} are "
+                f"{d[i, j]:.3f} Å apart (< {settings.min_distance_scale:g} x covalent radii = {limit[i, j]:.3f} Å)"
+            )
+    elif settings.min_distance_A is not None and n > 1:
         d = np.sqrt(((spec.x[:, None, :] - spec.x[None, :, :]) ** 2).sum(-1))
         d[np.diag_indices(n)] = np.inf
         k = int(np.argmin(d))

@@ -167,3 +167,49 @@ def make_reward(
     if cache_dir is not None:
         data["cache_dir"] = str(cache_dir)
     return EnergyReward(validate_config(RewardSettings, data, source="make_reward(...)"), executor=executor)
+
+
+class _TrainingGated:
+    """An energy reward with a training gate: ``for_training()`` gives the same reward (same executor) with
+    the bond-aware clash gate; calling it evaluates with the strict gate."""
+
+    def __init__(self, strict: EnergyReward, train_scale: float | None) -> None:
+        self.strict = strict
+        self.train_scale = train_scale
+        self.settings = strict.settings
+        self._train: EnergyReward | None = None
+
+    @property
+    def method(self) -> str:
+        return self.strict.method
+
+    def __call__(self, molecules: list[Any], with_grad: bool = True) -> RewardResult:
+        return self.strict(molecules, with_grad=with_grad)
+
+    def for_training(self) -> EnergyReward:
+        if self.train_scale is None:
+            return self.strict
+        if self._train is None:
+            st = self.strict.settings.model_copy(update={"min_distance_scale": self.train_scale})
+            self._train = EnergyReward(st, executor=self.strict.executor)
+        return self._train
+
+    def close(self) -> None:
+        self.strict.close()
+
+
+def make_molecular_reward(cfg: Any) -> Any:
+    """The reward of a finetune config's ``reward`` section (:class:`fdc_mol.config.RewardConfig`).
+
+    Evaluation calls use the strict gate; ``.for_training()`` the bond-aware clash gate when
+    ``train_min_distance_scale`` is set. kind ``composition_corrected`` wraps it in
+    :class:`~fdc_mol.rewards.composition.CompositionCorrectedReward` (per-element references of ``level``).
+    """
+    base = make_reward(cfg.level, engine=cfg.engine, executor=cfg.executor, cache_dir=cfg.cache_dir,
+                       timeout_s=cfg.timeout_s)
+    reward: Any = _TrainingGated(base, cfg.train_min_distance_scale)
+    if cfg.kind == "composition_corrected":
+        from fdc_mol.rewards.composition import CompositionCorrectedReward, load_element_references
+
+        reward = CompositionCorrectedReward(reward, load_element_references(cfg.level))
+    return reward

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 import yaml
 
-from fdc_mol.commands.demo import DEMO_CONFIG
-from fdc_mol.config import FinetuneConfig
+from fdc_mol.config import FinetuneConfig, config_path
 from fdc_mol.fdc.adjoint_matching import AMConfig
-from fdc_mol.fdc.am_module import AdjointMatchingModule
-from fdc_mol.fdc.flowmol_flow import FlowMolFlow
-from fdc_mol.fdc.molecular import MolecularFDC, superquantile
+from fdc_mol.fdc.loop import Stage
+from fdc_mol.fdc.utilities import Fitted
+from fdc_mol.molecular.am_module import LightningAMSolver
+from fdc_mol.molecular.flowmol_flow import FlowMolFlow
+from fdc_mol.molecular.job import FinetuneJob
+from fdc_mol.molecular.reward_oracle import reward_oracle
+from fdc_mol.molecular.statistics import paired_difference, superquantile
 from fdc_mol.rewards import RewardResult
 from flowmol_ext.config import ConfigError
 from flowmol_ext.graph import scatter_mean
@@ -46,10 +48,15 @@ class CompactnessReward:
                             reason=[""] * len(v), method="compactness")
 
 
-def test_demo_config_file_matches_the_demo_command() -> None:
-    assert yaml.safe_load((ROOT / "configs" / "fdc_demo_cpu.yaml").read_text()) == DEMO_CONFIG
+def test_shipped_configs_load_by_name_and_are_the_top_level_files() -> None:
     for name in ("fdc_demo_cpu", "am_demo_cpu", "fdc_novelty_energy", "am_energy"):
-        FinetuneConfig.model_validate(yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()))
+        path = config_path(name)
+        assert path.parent.name == "configs" and path.parent.parent.name == "fdc_mol"
+        FinetuneConfig.model_validate(yaml.safe_load(path.read_text()))
+        # the top-level configs/ is the package folder itself (a symlink), never a copy
+        assert (ROOT / "configs" / f"{name}.yaml").resolve() == path.resolve()
+    with pytest.raises(FileNotFoundError, match="fdc_demo_cpu"):
+        config_path("no_such_config")
 
 
 def test_config_rejects_unknown_keys_and_inconsistent_methods() -> None:
@@ -57,10 +64,21 @@ def test_config_rejects_unknown_keys_and_inconsistent_methods() -> None:
 
     with pytest.raises(ConfigError, match="unknown key 'etaa'"):
         validate_config(FinetuneConfig, {"etaa": 0.1})
-    with pytest.raises(ConfigError, match="alpha > 0"):
-        validate_config(FinetuneConfig, {"method": "am", "K": 1, "alpha": 0.0})
+    with pytest.raises(ConfigError, match="kl_weight > 0"):
+        validate_config(FinetuneConfig, {"algorithm": "am", "K": 1, "kl_weight": 0.0})
     with pytest.raises(ConfigError, match="not implemented"):
-        validate_config(FinetuneConfig, {"alpha": 0.1})
+        validate_config(FinetuneConfig, {"kl_weight": 0.1})
+
+
+def test_deprecated_keys_load_with_a_message_naming_the_new_key() -> None:
+    from flowmol_ext.config import validate_config
+
+    with pytest.warns(DeprecationWarning, match="'eta' is deprecated: use 'mirror_eta'"):
+        cfg = validate_config(FinetuneConfig, {"method": "am", "K": 1, "alpha": 0.5, "eta": 0.2,
+                                               "reward": {"method": "gfn2"}})
+    assert (cfg.algorithm, cfg.kl_weight, cfg.mirror_eta, cfg.reward.level) == ("am", 0.5, 0.2, "gfn2")
+    with pytest.raises(ConfigError, match="give only 'mirror_eta'"):
+        validate_config(FinetuneConfig, {"eta": 0.2, "mirror_eta": 0.3})
 
 
 def test_velocity_uses_the_recorded_discrete_state_and_projection_is_com_free() -> None:
@@ -99,33 +117,32 @@ def _spread(flow: FlowMolFlow) -> float:
 
 
 def test_am_module_moves_molecules_up_the_reward() -> None:
-    """Sign test on molecules: fine-tuning toward r = −Σ‖x‖² makes sampled molecules more compact."""
+    """Sign test on molecules through the Lightning solver: fine-tuning toward r = −Σ‖x − x̄‖² makes sampled
+    molecules more compact; the Adam state is carried to the next stage."""
     torch.set_num_threads(1)
     fine = FlowMolFlow(tiny_model(), n_atoms=6)
     before = _spread(fine)
-    reward = CompactnessReward()
-    from fdc_mol.fdc.flowmol_flow import reward_oracle
-
-    oracle = reward_oracle(reward)
+    oracle = reward_oracle(CompactnessReward())
 
     def grad(x: torch.Tensor, traj) -> torch.Tensor:  # noqa: ANN001
         return oracle(x, traj)[1] * 2.0
 
-    module = AdjointMatchingModule(fine, fine.copy_frozen(), grad, AMConfig(n_traj=8, steps=8, lct=None), lr=1e-2,
-                                   lam=1.0, seed=0)
-    trainer = pl.Trainer(max_steps=16, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module)
+    solver = LightningAMSolver(AMConfig(n_traj=8, steps=8, lct=None), lr=1e-2, progress=False)
+    stage = Stage(k=1, eta=1.0, fitted=Fitted(0.0, lambda x, t: x), terminal_grad=grad, lam=1.0, steps=16, seed=0)
+    out = solver.solve(fine, fine.copy_frozen(), stage)
     after = _spread(fine)
     assert after < 0.85 * before, (before, after)
+    assert out["n_signal"] == 8 and out["n_scored"] == 8 and out["param_grad_norm"] > 0
+    assert solver.state_dict()["optimizer"]["state"][0]["step"] == 16
 
 
-def _job(run_dir: Path) -> MolecularFDC:
+def _job(run_dir: Path, **extra) -> FinetuneJob:  # noqa: ANN003
     cfg = FinetuneConfig.model_validate({
         "run_dir": str(run_dir), "seed": 3, "device": "cpu", "K": 2, "am_steps_per_iteration": 2, "lr": 1e-3,
-        "eta": 1.0, "utility": {"kind": "superquantile", "beta": 0.75}, "n_fit": 12, "sample_steps": 6,
-        "am": {"n_traj": 6, "steps": 6, "lct": None}, "data_dir": None, "write_sdf": True, "n_atoms": 5})
-    return MolecularFDC(cfg, model=tiny_model(), reward=CompactnessReward())
+        "mirror_eta": 1.0, "utility": {"kind": "superquantile", "beta": 0.75}, "n_fit": 12, "sample_steps": 6,
+        "am": {"n_traj": 6, "steps": 6, "lct": None}, "data_dir": None, "write_sdf": True, "n_atoms": 5,
+        "evaluation": {"samplers": ["ode", "sde"], "n_boot": 50}, **extra})
+    return FinetuneJob(cfg, model=tiny_model(), reward=CompactnessReward())
 
 
 def test_kill_and_resume_gives_identical_metrics(tmp_path: Path) -> None:
@@ -136,7 +153,7 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path: Path) -> None:
     assert not (tmp_path / "killed" / "stages" / "stage_002").exists()
     resumed = _job(tmp_path / "killed").run()
     assert [r["iteration"] for r in full] == [0, 1, 2]
-    keys = ("mean_reward", "sq_beta", "validity", "molecule_stability", "mean_n_atoms")
+    keys = ("mean_reward", "sq_beta", "validity", "molecule_stability", "mean_n_atoms", "sde_sq_beta", "kde_logp_pre")
     for a, b in zip(full, resumed):
         for key in keys:
             assert a[key] == b[key] or (np.isnan(a[key]) and np.isnan(b[key])), (key, a[key], b[key])
@@ -145,8 +162,25 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path: Path) -> None:
         assert (tmp_path / "full" / f).is_file(), f
 
 
-def test_superquantile_of_known_rewards() -> None:
-    r = np.array([1.0, 2.0, 3.0, 4.0, np.nan, 10.0])
-    sq, q = superquantile(r, 0.8)
-    assert q == pytest.approx(np.quantile([1, 2, 3, 4, 10], 0.8))
-    assert sq == pytest.approx(10.0)
+def test_superquantile_reported_is_the_optimised_one() -> None:
+    """One definition (the utility's lower quantile): n = 10, β = 0.75 -> q = r_(8), SQ = q + mean((r − q)₊)/(1 − β)."""
+    r = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, np.nan])
+    assert superquantile(r, 0.75) == pytest.approx(8.0 + (1.0 + 2.0) / 10 / 0.25)  # 9.2: the utility's value
+    assert superquantile(r[:5], 0.8) == pytest.approx(5.0)
+
+
+def test_paired_difference_uses_only_unchanged_finite_pairs() -> None:
+    new, ref = np.array([2.0, 3.0, np.nan, 10.0]), np.array([1.0, 1.0, 1.0, 1.0])
+    d = paired_difference(new, ref, same=np.array([True, True, True, False]), n_boot=200)
+    assert d.n == 2 and d.value == pytest.approx(1.5) and 1.0 <= d.low <= d.high <= 2.0
+
+
+def test_evaluation_uses_common_random_numbers(tmp_path: Path) -> None:
+    """Two evaluations of the same model give identical molecules; the paired difference to iteration 0 is 0."""
+    torch.set_num_threads(1)
+    job = _job(tmp_path / "crn")
+    row0, (traj0, _) = job.evaluate(job.flow, 0)
+    row1, (traj1, _) = job.evaluate(job.flow, 1)
+    assert torch.equal(traj0.x1, traj1.x1)
+    assert row1["paired_delta"] == 0.0 and row1["n_paired"] == row1["n"] - 0 and row1["composition_tv"] == 0.0
+    assert "sde_sq_beta" in row1 and row1["sde_n"] == row1["n"]

@@ -15,7 +15,7 @@ from fdc_mol.fdc.adjoint_matching import (
     lean_adjoint,
     timestep_subset,
 )
-from fdc_mol.fdc.flow import FlowModel, LinearSchedule, TensorFlow
+from fdc_mol.fdc.flow import EuclideanFlow, FlowModel, LinearSchedule
 from fdc_mol.toy.flows import GMMVelocity, make_gmm_flow
 
 
@@ -143,7 +143,7 @@ def test_kl_regularised_am_matches_tilted_gaussian():
     mu, s, a, c, alpha = 0.5, 0.8, 1.0, 1.0, 1.0
     P = 1 / s**2 + c / alpha
     mean_star, var_star = (mu / s**2 + a / alpha) / P, 1 / P
-    fine = TensorFlow(_AffineControl(GMMVelocity([[mu]], [s], [1.0])), dim=1)
+    fine = EuclideanFlow(_AffineControl(GMMVelocity([[mu]], [s], [1.0])), dim=1)
     base = fine.copy_frozen()
     cfg = AMConfig(n_traj=128, steps=40)
     opt = torch.optim.Adam(fine.parameters(), lr=3e-3)
@@ -155,7 +155,7 @@ def test_kl_regularised_am_matches_tilted_gaussian():
 
 
 def test_tensorflow_input_checks():
-    flow = TensorFlow(GMMVelocity([[0.0]], [1.0], [1.0]), dim=1)
+    flow = EuclideanFlow(GMMVelocity([[0.0]], [1.0], [1.0]), dim=1)
     with pytest.raises(ValueError):
         flow.sample(0, 10)
     with pytest.raises(ValueError):

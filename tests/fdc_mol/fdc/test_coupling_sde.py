@@ -22,7 +22,7 @@ import yaml
 from scipy.integrate import solve_ivp
 from torch import Tensor, nn
 
-from fdc_mol.fdc.flow import TensorFlow
+from fdc_mol.fdc.flow import EuclideanFlow
 from fdc_mol.toy.flows import GMMVelocity
 
 M, S = 1.0, 0.5
@@ -70,7 +70,7 @@ def test_moment_equations_closed_form(s: float) -> None:
 @pytest.mark.parametrize("coupling", ["independent", "ot"])
 def test_sampler_sde_matches_ode_only_under_independent_coupling(coupling: str) -> None:
     net = GMMVelocity([[M]], [S], [1.0]) if coupling == "independent" else MonotoneOTVelocity(M, S)
-    flow = TensorFlow(net, dim=1)
+    flow = EuclideanFlow(net, dim=1)
     n, steps = 40_000, 200
     ode = flow.sample(n, steps, memoryless=False, record=False, generator=torch.Generator().manual_seed(0)).x1
     sde = flow.sample(n, steps, memoryless=True, record=False, generator=torch.Generator().manual_seed(1)).x1

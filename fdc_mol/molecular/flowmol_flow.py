@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fdc_mol.fdc.flow import LinearSchedule, Trajectory
 from flowmol_ext.batch import MolBatch, Molecule
-from flowmol_ext.graph import Graph, build_graph, remove_com
+from flowmol_ext.graph import Graph, remove_com
 from flowmol_ext.model.flow import FlowMol
-from flowmol_ext.model.sampler import SamplerConfig, finalize, flow_step, initial_state, sample_n_atoms
-
-from .flow import LinearSchedule, Trajectory
+from flowmol_ext.model.sampler import SamplerConfig, sample_batch, sample_n_atoms
 
 TRAINABLE = ("all", "positions")
 
@@ -78,40 +76,31 @@ class FlowMolFlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, steps: int, *, memoryless: bool = True, record: bool = True,
                generator: torch.Generator | None = None, sizes: Tensor | None = None) -> Trajectory:
-        """n molecules on a grid of ``steps`` steps; memoryless SDE (or Euler ODE) for positions.
+        """n molecules on a grid of ``steps`` steps: memoryless SDE (or Euler ODE) for positions, CTMC jumps.
 
-        ``sizes`` (n,) fixes the atom counts (e.g. the same sizes for every evaluation of a run, so that
-        extensive quantities such as total energies are compared at matched sizes)."""
+        Wraps :func:`flowmol_ext.model.sampler.sample_batch` (recording every state). ``sizes`` (n,) fixes the
+        atom counts (e.g. the same sizes for every evaluation of a run, so that extensive quantities such as
+        total energies are compared at matched sizes)."""
         if n < 1 or steps < 1:
             raise ValueError(f"sample needs n >= 1 and steps >= 1, got n={n}, steps={steps}")
-        device = next(self.model.parameters()).device
         cfg = self.sampler.model_copy(update={"steps": steps, "position_sampler": "sde" if memoryless else "ode"})
         if sizes is None:
             sizes = self.draw_sizes(n, generator)
         elif sizes.numel() != n:
             raise ValueError(f"sizes has {sizes.numel()} entries for {n} molecules")
-        graph = build_graph(sizes).to(device)
         was_training = self.model.training
         self.model.eval()
-        state = initial_state(self.model, graph, generator)
-        times = torch.linspace(0.0, 1.0, steps + 1)
-        xs, disc = [state.x], DiscreteStates([state.a], [state.c], [state.e])
-        for k in range(steps):
-            t, s = float(times[k]), float(times[k + 1])
-            state, _ = flow_step(self.model, state, graph, t, s - t, cfg, last_step=(k == steps - 1),
-                                 generator=generator)
-            if record:
-                xs.append(state.x)
-                disc.a.append(state.a)
-                disc.c.append(state.c)
-                disc.e.append(state.e)
+        res = sample_batch(self.model, sizes, cfg, generator=generator, record=record)
         self.model.train(was_training)
-        final = finalize(state, graph, self.model)
+        graph = res.batch.graph
+        disc = None
+        if record:
+            disc = DiscreteStates([s.a for s in res.states], [s.c for s in res.states], [s.e for s in res.states])
         h = 1.0 / steps
         return Trajectory(
-            times=times, xs=torch.stack(xs) if record else None, x1=state.x, n=n,
-            discrete=disc if record else None, context={"graph": graph, "final": final},
-            group=graph.node_graph, sigmas=self.schedule.sigma(times, h) if memoryless else None,
+            times=res.times, xs=torch.stack([s.x for s in res.states]) if record else None, x1=res.batch.x, n=n,
+            discrete=disc, context={"graph": graph, "final": res.batch}, group=graph.node_graph,
+            sigmas=self.schedule.sigma(res.times, h) if memoryless else None,
         )
 
     # -- the drift --------------------------------------------------------------------------------
@@ -155,26 +144,3 @@ class FlowMolFlow(nn.Module):
         """The final molecules of a trajectory (positions ``x`` if given, else traj.x1)."""
         final: MolBatch = traj.context["final"]
         return final.replace(x=(traj.x1 if x is None else x).detach()).to_molecules()
-
-
-def reward_oracle(reward: Any, log: list[dict[str, Any]] | None = None):  # noqa: ANN201
-    """Bridge from an :class:`~fdc_mol.rewards.EnergyReward` to the utilities' RewardOracle.
-
-    Returns ``oracle(x (N,3), traj) -> (values (B,) float32, grads (N,3) float32 in Hartree/Å)``;
-    failed molecules get NaN values and zero gradients (utilities leave NaN out of quantiles and
-    gradients). Each call's RewardResult is appended to ``log`` when given.
-    """
-
-    def oracle(x: Tensor, traj: Trajectory) -> tuple[Tensor, Tensor]:
-        mols = FlowMolFlow.molecules(traj, x)
-        res = reward(mols, with_grad=True)
-        if log is not None:
-            log.append({"result": res, "molecules": mols})
-        vals = torch.as_tensor(res.value, dtype=torch.float32, device=x.device)
-        grads = []
-        for m, g in zip(mols, res.grad or [None] * len(mols)):
-            grads.append(torch.zeros(m.n_atoms, 3) if g is None else torch.as_tensor(g, dtype=torch.float32))
-        grad = torch.cat(grads).to(x.device) if grads else torch.zeros_like(x)
-        return vals, remove_com(grad, traj.group, traj.n)
-
-    return oracle

@@ -1,4 +1,4 @@
-"""Tests for fdc_mol.fdc.descriptors: invariances, gradients, known values, and the molecule KDE."""
+"""Tests for fdc_mol.molecular.descriptors: invariances, gradients, known values, and the molecule KDE."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from fdc_mol.fdc.descriptors import (
+from fdc_mol.molecular.descriptors import (
     DEFAULT_PAIRS,
     ConformerDescriptor,
     MoleculeKDE,

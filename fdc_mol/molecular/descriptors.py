@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .density import KDE
+from fdc_mol.fdc.density import KDE
 
 __all__ = [
     "ATOM_SYMBOLS",
