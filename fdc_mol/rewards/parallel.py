@@ -5,6 +5,15 @@ process pool of N workers, default: the CPUs this process may use; each worker r
 thread) and ``"dask://host:port"`` (a Dask distributed client's executor). Any other
 ``concurrent.futures.Executor`` works too. :func:`run_chunks` submits chunks of molecules, collects
 results in input order, and retries a chunk whose worker crashed once before marking it failed.
+
+Worker lifetime: a local pool's workers poll their parent's pid (every 0.5 s) and exit when the
+parent is gone (SIGKILLed or killed by a signal it did not handle), so no orphan keeps computing;
+:meth:`LocalPool.shutdown` without waiting terminates the workers (clean shutdown on SIGTERM).
+
+Scripts without an ``if __name__ == "__main__":`` guard: the pool's workers are *spawned* and
+re-import the main script; a script that evaluates rewards at import time would start pools
+recursively. A worker detects that and exits with :data:`UNGUARDED_MAIN_EXIT`; the parent then
+warns once and evaluates in its own process (serial) instead. See docs/rewards.md.
 """
 
 from __future__ import annotations
@@ -13,13 +22,14 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
 from concurrent.futures import ThreadPoolExecutor as _ThreadPoolExecutor
 
 from fdc_mol.rewards.base import MolSpec, RewardSettings
-from fdc_mol.rewards.worker import OneResult, evaluate_chunk
+from fdc_mol.rewards.worker import OneResult, evaluate_chunk, watch_parent
 
 __all__ = ["LocalPool", "SerialExecutor", "executor_workers", "make_executor", "parse_executor_spec", "run_chunks"]
 
@@ -38,22 +48,74 @@ class SerialExecutor(Executor):
         return fut
 
 
-def _init_local_worker() -> None:
-    """Process-pool initializer: one OpenMP/BLAS thread; Ctrl-C is handled by the parent only."""
+UNGUARDED_MAIN_EXIT = 87  # exit status of a spawned worker that found the main script re-entering the pool
+
+_UNGUARDED_HELP = (
+    "this script evaluates rewards at import time, without `if __name__ == \"__main__\":`; the local process "
+    "pool's workers are spawned and re-import the script, so they cannot start. Put the script's code under "
+    "that guard to use the pool, or pass executor=\"serial\" (see docs/rewards.md)"
+)
+
+
+def _init_local_worker(parent_pid: int | None = None) -> None:
+    """Process-pool initializer: one OpenMP/BLAS thread; Ctrl-C is handled by the parent only; exit
+    when the parent dies."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if parent_pid is not None:
+        watch_parent(parent_pid)
+
+
+def _bootstrapping_worker() -> bool:
+    """True inside a spawned process that is still importing the parent's main script."""
+    import multiprocessing as mp
+
+    return bool(getattr(mp.current_process(), "_inheriting", False))
 
 
 class LocalPool(ProcessPoolExecutor):
-    """A process pool (spawn start method) whose workers run one OpenMP thread each."""
+    """A process pool (spawn start method) whose workers run one OpenMP thread each and exit with
+    their parent."""
 
     def __init__(self, max_workers: int) -> None:
         import multiprocessing as mp
 
+        if _bootstrapping_worker():
+            # We are a spawned worker re-running an unguarded main script: starting a pool here would
+            # recurse. Tell the user and let the parent fall back to serial evaluation.
+            print(f"fdc-mol reward worker: {_UNGUARDED_HELP}", file=sys.stderr, flush=True)
+            os._exit(UNGUARDED_MAIN_EXIT)
         self.n_workers = int(max_workers)
+        self._all_processes: list = []
         super().__init__(max_workers=self.n_workers, mp_context=mp.get_context("spawn"),
-                         initializer=_init_local_worker)
+                         initializer=_init_local_worker, initargs=(os.getpid(),))
+
+    def _spawn_process(self) -> None:
+        super()._spawn_process()
+        self._all_processes = [p for p in self._all_processes if p.exitcode is None]
+        self._all_processes.extend(p for p in self._processes.values() if p not in self._all_processes)
+
+    def unguarded_main(self) -> bool:
+        """True if a worker exited because the main script has no ``__main__`` guard."""
+        for p in self._all_processes:
+            p.join(timeout=2.0)
+            if p.exitcode == UNGUARDED_MAIN_EXIT:
+                return True
+        return False
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shut down; without ``wait``, also terminate (SIGTERM) the workers instead of letting them
+        finish their current task (what a SIGTERMed parent needs)."""
+        procs = list((getattr(self, "_processes", None) or {}).values())
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        if not wait:
+            for p in procs:
+                try:
+                    p.terminate()
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
 
     def kill_workers(self) -> None:
         """SIGKILL every worker process (used when a worker hangs outside the per-molecule watchdog)."""
@@ -184,6 +246,13 @@ def run_chunks(
             except Exception as err:  # noqa: BLE001 - BrokenProcessPool, KilledWorker, CancelledError ...
                 errors[ci] = f"{type(err).__name__}: {err}"
         todo = []
+        if errors and isinstance(executor, LocalPool) and executor.unguarded_main():
+            log.warning("reward evaluation: %s; evaluating in this process instead (serial, slower)",
+                        _UNGUARDED_HELP)
+            shutdown_executor(executor)
+            executor = SerialExecutor()
+            todo = sorted(errors)  # not counted as attempts: nothing ran
+            continue
         if errors:
             log.warning("reward evaluation: %d task(s) failed (%s); retrying once", len(errors),
                         next(iter(errors.values())))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from fdc_mol.rewards.base import MolSpec, RewardSettings
 from fdc_mol.rewards.gate import check_gate, spin_uhf
 from fdc_mol.rewards.xtb import EnergyFn, EngineError
 
-__all__ = ["OneResult", "evaluate_chunk", "evaluate_one"]
+__all__ = ["OneResult", "evaluate_chunk", "evaluate_one", "watch_parent"]
 
 
 class OneResult(NamedTuple):
@@ -147,8 +148,25 @@ def evaluate_chunk(specs: list[MolSpec], s: RewardSettings) -> list[OneResult]:
     return _evaluate_isolated(specs, s)
 
 
-def _child_main(specs: list[MolSpec], todo: list[int], s: RewardSettings, conn) -> None:  # noqa: ANN001
+def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
+    """Start a daemon thread that ends this process (``os._exit(1)``) once ``parent_pid`` is no
+    longer its parent (the parent died, even by SIGKILL, and the process was re-parented), so that
+    no worker outlives a killed run. ``interval_s``: polling period, s."""
+
+    def run() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(interval_s)
+
+    t = threading.Thread(target=run, name="fdc-mol-parent-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _child_main(specs: list[MolSpec], todo: list[int], s: RewardSettings, conn, parent_pid: int) -> None:  # noqa: ANN001
     try:
+        watch_parent(parent_pid)  # the engine child dies with its worker
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -179,10 +197,11 @@ def _evaluate_isolated(specs: list[MolSpec], s: RewardSettings) -> list[OneResul
     todo = list(range(len(specs)))
     while todo:
         reader, writer = Pipe(duplex=False)
+        parent_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
             reader.close()
-            _child_main(specs, todo, s, writer)
+            _child_main(specs, todo, s, writer, parent_pid)
         writer.close()
         pos, t_last, restart = 0, time.monotonic(), None
         try:
