@@ -19,13 +19,22 @@ import numpy as np
 
 from fdc_mol.rewards.worker import OneResult
 
-__all__ = ["EnergyCache"]
+__all__ = ["CacheError", "EnergyCache"]
 
 log = logging.getLogger(__name__)
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS energies (
     key TEXT PRIMARY KEY, energy REAL, grad BLOB, n_atoms INTEGER, ok INTEGER NOT NULL,
     reason TEXT NOT NULL, extras TEXT NOT NULL)"""
+
+
+class CacheError(ValueError):
+    """The cache file is unusable (not SQLite, corrupt); the message names it and says what to do."""
+
+
+def _cache_error(path: Path, err: Exception) -> CacheError:
+    return CacheError(f"{path}: energy cache is not a usable SQLite database ({err}); it is only a cache: move it "
+                      "away or delete it, and the next run starts an empty one")
 
 
 class EnergyCache:
@@ -42,13 +51,17 @@ class EnergyCache:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 60000")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                log.warning("energy cache %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute(_SCHEMA)
+            try:
+                conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 60000")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    log.warning("energy cache %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute(_SCHEMA)
+                conn.execute("SELECT key, energy, grad, n_atoms, ok, reason, extras FROM energies LIMIT 1").fetchall()
+            except sqlite3.DatabaseError as err:
+                raise _cache_error(self.path, err) from None
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -59,11 +72,14 @@ class EnergyCache:
         uniq = list(dict.fromkeys(keys))
         for start in range(0, len(uniq), 500):
             part = uniq[start:start + 500]
-            rows = conn.execute(
-                f"SELECT key, energy, grad, n_atoms, ok, reason, extras FROM energies "
-                f"WHERE key IN ({','.join('?' * len(part))})",
-                part,
-            ).fetchall()
+            try:
+                rows = conn.execute(
+                    f"SELECT key, energy, grad, n_atoms, ok, reason, extras FROM energies "
+                    f"WHERE key IN ({','.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+            except sqlite3.DatabaseError as err:
+                raise _cache_error(self.path, err) from None
             for key, energy, grad, n, ok, reason, extras in rows:
                 g = np.frombuffer(grad, dtype=np.float64).reshape(n, 3).copy() if grad is not None else None
                 out[key] = OneResult(
@@ -85,13 +101,16 @@ class EnergyCache:
         if not rows:
             return 0
         conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany("INSERT OR REPLACE INTO energies VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT OR REPLACE INTO energies VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as err:
+            raise _cache_error(self.path, err) from None
         return len(rows)
 
     def __len__(self) -> int:
