@@ -13,6 +13,7 @@ work from scratch. A run whose input fingerprint equals the manifest's is a no-o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -21,7 +22,7 @@ import secrets
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,9 +310,57 @@ def process_qm9(
     ``_before_commit(staging_dir)`` is a test hook called after every output is staged and before
     anything in ``data_dir`` changes.
     """
-    t0 = time.perf_counter()
     data_dir = Path(data_dir)
     spec = resolve_source(source, path, cache_dir, uncharacterized, expected_sha256)
+    with data_dir_lock(data_dir):
+        return _process_locked(spec, data_dir, workers=workers, force=force, split_seed=split_seed,
+                               progress=progress, expected_sha256=expected_sha256, _before_commit=_before_commit)
+
+
+LOCK_FILE = ".fdc-mol.lock"
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl`` lock on ``<data_dir>/.fdc-mol.lock`` (created if missing) for the
+    whole run. A second run into the same folder fails at once with a ``ValueError`` naming the
+    holder (pid, host, start time, command) instead of deleting the first run's staging files. The
+    lock dies with its process (no stale locks after a kill)."""
+    import fcntl
+    import socket
+    import sys
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = data_dir / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+            raise ValueError(f"{data_dir} is being processed by another run ({holder}; lock {lock_path}); wait "
+                             "for it to finish or use another --data-dir") from None
+        info = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _process_locked(
+    spec: SourceSpec,
+    data_dir: Path,
+    *,
+    workers: int | None,
+    force: bool,
+    split_seed: int,
+    progress: bool,
+    expected_sha256: str,
+    _before_commit: Callable[[Path], None] | None,
+) -> dict:
+    t0 = time.perf_counter()
     fingerprint = spec.fingerprint(split_seed)
     if not force:
         manifest = is_up_to_date(data_dir, fingerprint)
@@ -327,6 +376,8 @@ def process_qm9(
     t_parse = time.perf_counter()
     records = read_source(spec, expected_sha256)
     t_parse = time.perf_counter() - t_parse
+    if not records:
+        raise ValueError(f"{spec.path}: no molecules in the input (empty file or header only); nothing to process")
     unc = S.read_uncharacterized(spec.uncharacterized) if spec.uncharacterized else set()
     by_index = {r.qm9_index: r for r in records}
     removed_unc = sorted(q for q in by_index if q in unc)
@@ -350,6 +401,9 @@ def process_qm9(
 
     split_lists = flowmol_split(seed=split_seed)
     stores = {s: _build_store(split_lists[s], by_index, results) for s in SPLITS}
+    if len(stores["train"]) == 0:
+        raise ValueError(f"{spec.path}: none of its {len(records)} molecules ({n_kept} kept) falls in FlowMol's "
+                         "training split; pretraining would have no data")
     stats = {s: compute_stats(stores[s]) for s in SPLITS}
     split_counts = {
         s: {

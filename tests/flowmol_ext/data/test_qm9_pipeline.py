@@ -13,7 +13,7 @@ from rdkit import Chem
 
 from flowmol_ext.data import sources as S
 from flowmol_ext.data.perceive import canonical_smiles, perceive
-from flowmol_ext.data.qm9 import OUTPUT_FILES, flowmol_split, process_qm9
+from flowmol_ext.data.qm9 import LOCK_FILE, OUTPUT_FILES, flowmol_split, process_qm9
 from flowmol_ext.data.store import (
     MANIFEST,
     DataNotProcessedError,
@@ -108,7 +108,7 @@ def test_processed_sample_outputs(processed_sample: tuple[Path, dict]) -> None:
     assert manifest["processor_version"] and set(manifest["files"]) == set(OUTPUT_FILES)
     splits = json.loads((out / "splits.json").read_text())
     assert splits["train"][:5] == [3116, 117880, 23434, 61956, 98812] and len(splits["val"]) == 20_497
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
 
 
 def test_store_round_trip(processed_sample: tuple[Path, dict], sample_results: dict) -> None:
@@ -174,7 +174,7 @@ def test_interrupted_run_leaves_nothing_half_written(tmp_path: Path, sample_copy
 
     with pytest.raises(KeyboardInterrupt):
         process_qm9("csv", sample_copy, out, workers=1, progress=False, _before_commit=crash)
-    assert list(out.iterdir()) == []  # staging removed, nothing moved in
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # staging removed, nothing moved in (the lock stays)
     with pytest.raises(DataNotProcessedError, match="run `fdc-mol data qm9"):
         load_split(out, "train")
 
@@ -190,7 +190,7 @@ def test_interrupted_run_leaves_nothing_half_written(tmp_path: Path, sample_copy
         load_stats(out)
     rerun = process_qm9("csv", sample_copy, out, workers=1, progress=False)
     assert not rerun["noop"] and rerun["n_kept"] == N_SMALL
-    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, MANIFEST])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, MANIFEST, LOCK_FILE])
     assert sum(len(load_split(out, s)) for s in ("train", "val", "test")) == N_SMALL
 
 
