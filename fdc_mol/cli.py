@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from flowmol_ext import signals
 
     setup_logging(args.log_level)
-    signals.install()
+    previous = signals.install()
     prog = f"fdc-mol {args.command}"
     try:
         return int(args._run(args) or 0)
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {type(err).__name__}: {_one_line(err)} (run with --log-level DEBUG for the "
               "traceback)", file=sys.stderr)
         return 1
+    finally:
+        signals.restore(previous)
 
 
 if __name__ == "__main__":

@@ -138,42 +138,87 @@ def sdf_text(molecules: Sequence[Chem.Mol], v3000: bool = True) -> str:
     return text
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The SDF text of ``path`` as bytes, decompressed when its first bytes are the gzip magic
+    (whatever its name says). Raises ``ValueError`` naming the file for truncated/corrupt gzip."""
+    import zlib
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:2] != _GZIP_MAGIC:
+        return data
+    try:
+        return gzip.decompress(data)
+    except (EOFError, OSError, zlib.error) as err:
+        raise ValueError(f"{path}: truncated or corrupt gzip data ({err}); re-copy or re-compress the file") from None
+
+
+def rdkit_reason(messages: str) -> str:
+    """RDKit's captured log as one short line: the message of each entry, without C++ stack traces,
+    file/line of the violated invariant, banners, or 'moving to the next molecule'."""
+    out: list[str] = []
+    in_trace = False
+    for raw in messages.splitlines():
+        ln = raw.split("] ", 1)[-1].strip() if raw.startswith("[") else raw.strip()
+        if ln.startswith("ERROR: "):
+            ln = ln[len("ERROR: "):]
+        if not ln:
+            continue
+        if ln == "Stacktrace:":
+            in_trace = True
+            continue
+        if ln.startswith("****"):
+            in_trace = False
+            continue
+        if in_trace or ln.startswith("----") or ln.startswith("Violation occurred on line"):
+            continue
+        if "moving to the beginning of the next molecule" in ln or ln in out:
+            continue
+        out.append(ln)
+    text = "; ".join(out)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 def read_sdf(path: str | Path) -> list[tuple[Chem.Mol | None, str | None]]:
-    """Read every record of an SDF (``.sdf`` or ``.sdf.gz``): ``(mol, None)`` or ``(None, reason)``.
+    """Read every record of an SDF (plain or gzip, told apart by the magic bytes, not the name):
+    ``(mol, None)`` or ``(None, reason)``.
 
     Molecules are read with ``sanitize=False, removeHs=False`` (sanitise separately, e.g. for
     validity) and carry their SD properties. A bad record does not stop reading; its reason names
-    the file, the 1-based record number and RDKit's message.
+    the file, the 1-based record number and RDKit's message (one line, no C++ stack trace).
+    Truncated or corrupt gzip data and files that are not text raise ``ValueError`` naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such SDF file")
-    opener = gzip.open if path.suffix == ".gz" else open
+    data = _read_bytes(path)
+    if b"\x00" in data[:65536]:
+        raise ValueError(f"{path}: binary data, not an SDF text file (nor gzip-compressed SDF)")
     out: list[tuple[Chem.Mol | None, str | None]] = []
     capture = getattr(rdBase, "CaptureErrorLog", None)
-    with opener(path, "rb") as fh:
-        supplier = Chem.ForwardSDMolSupplier(fh, sanitize=False, removeHs=False)
-        while True:
-            messages = ""
-            try:
-                if capture is not None:
-                    with capture() as cap:
-                        mol = next(supplier)
-                    messages = cap.messages
-                else:
+    supplier = Chem.ForwardSDMolSupplier(io.BytesIO(data), sanitize=False, removeHs=False)
+    while True:
+        messages = ""
+        try:
+            if capture is not None:
+                with capture() as cap:
                     mol = next(supplier)
-            except StopIteration:
-                break
-            record = len(out) + 1
-            if mol is None:
-                lines = [ln.split("] ", 1)[-1].strip() for ln in messages.splitlines() if ln.strip()]
-                lines = [ln for ln in lines if "moving to the beginning of the next molecule" not in ln]
-                why = "; ".join(lines) or "RDKit could not parse the record"
-                out.append((None, f"{path}: record {record}: {why}"))
-            elif mol.GetNumAtoms() == 0:
-                out.append((None, f"{path}: record {record}: molecule has no atoms"))
+                messages = cap.messages
             else:
-                out.append((mol, None))
+                mol = next(supplier)
+        except StopIteration:
+            break
+        record = len(out) + 1
+        if mol is None:
+            why = rdkit_reason(messages) or "RDKit could not parse the record"
+            out.append((None, f"{path}: record {record}: {why}"))
+        elif mol.GetNumAtoms() == 0:
+            out.append((None, f"{path}: record {record}: molecule has no atoms"))
+        else:
+            out.append((mol, None))
     if not out:
         raise ValueError(f"{path}: no SDF records found")
     return out

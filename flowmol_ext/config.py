@@ -64,6 +64,34 @@ def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None
     return validate_config(cls, data, source=str(path))
 
 
+def check_device(device: str | None, key: str = "device") -> str:
+    """Resolve and check a torch device spec: None or ``"auto"`` -> ``"cuda"`` if available else
+    ``"cpu"``; ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` are checked against this machine.
+    Raises ``ValueError`` naming ``key`` (e.g. ``--device`` or ``device``) otherwise."""
+    import re
+
+    import torch
+
+    spec = "auto" if device is None else str(device).strip().lower()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return "cpu"
+    m = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if m:
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}: '{device}' requested but no CUDA GPU is available "
+                             "(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise ValueError(f"{key}: '{device}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return spec
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{key}: 'mps' requested but Apple MPS is not available; use 'cpu' or 'auto'")
+        return spec
+    raise ValueError(f"{key}: unknown device '{device}'; valid: auto, cpu, cuda, cuda:N, mps")
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Recursively merge ``update`` into a copy of ``base``."""
     out = dict(base)

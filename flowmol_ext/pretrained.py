@@ -118,6 +118,32 @@ def is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _looks_corrupt(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(w in text for w in ("truncated", "ran out of input", "invalid load key", "unpickling stack underflow",
+                                   "pickle data was truncated"))
+
+
+def _corrupt(path: Path, err: BaseException) -> ValueError:
+    size = path.stat().st_size if path.is_file() else 0
+    what = "empty" if size == 0 else "truncated or corrupt"
+    return ValueError(f"{path}: {what} weights file ({size} bytes; {type(err).__name__}: {_first_line(err)}); "
+                      "re-export the model directory or copy the file again")
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """``torch.load`` on CPU; an empty, truncated or corrupt file raises one ``ValueError`` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
+        raise _corrupt(path, err) from None
+
+
 def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> FlowMol:
     """Load one of our model directories (``config.yaml`` + ``model.pt``) in eval mode."""
     path = Path(path)
@@ -131,7 +157,7 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> Flow
         raise ConfigError(f"{path / CONFIG_FILE} has no 'model' section")
     cfg = validate_config(ModelConfig, doc["model"], source=f"{path / CONFIG_FILE} (section 'model')")
     model = FlowMol(cfg, metadata=doc.get("metadata") or {})
-    state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = _torch_load(path / WEIGHTS_FILE, weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path / WEIGHTS_FILE} does not hold a state_dict (got {type(state).__name__})")
     load_weights(model, state, str(path / WEIGHTS_FILE))
@@ -166,10 +192,14 @@ def load_official_checkpoint(
         with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]):
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as err:
+        if _looks_corrupt(err):
+            raise _corrupt(ckpt_path, err) from None
         raise ValueError(
-            f"cannot load {ckpt_path} with weights_only=True: {err}. If you trust the file, call "
+            f"cannot load {ckpt_path} with weights_only=True: {_first_line(err)}. If you trust the file, call "
             "load_official_checkpoint(..., weights_only=False)"
         ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise _corrupt(ckpt_path, err) from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{ckpt_path} does not hold a checkpoint dict (got {type(ckpt).__name__})")
     hp = ckpt.get("hyper_parameters")

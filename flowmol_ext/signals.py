@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["Interrupted", "deferred", "install", "pending", "take"]
+__all__ = ["Interrupted", "deferred", "install", "pending", "restore", "take"]
 
 
 class Interrupted(BaseException):
@@ -42,12 +42,19 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
-def install(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
-    """Make ``signals`` raise :class:`Interrupted` in the main thread (no-op elsewhere)."""
+def install(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> dict[int, object]:
+    """Make ``signals`` raise :class:`Interrupted` in the main thread (no-op elsewhere). Returns the
+    previous handlers (for :func:`restore`)."""
     if threading.current_thread() is not threading.main_thread():
-        return
-    for s in signals:
-        signal.signal(s, _handler)
+        return {}
+    return {s: signal.signal(s, _handler) for s in signals}
+
+
+def restore(previous: dict[int, object]) -> None:
+    """Put back the handlers :func:`install` returned."""
+    for s, h in previous.items():
+        if h is not None:
+            signal.signal(s, h)
 
 
 def pending() -> int | None:

@@ -20,21 +20,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hc-thresh", type=float, default=0.9, help="purity-sampling threshold (0 disables)")
     p.add_argument("--n-atoms", type=int, help="fixed molecule size (default: drawn from the training histogram)")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N, mps (default auto: cuda if available)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from fdc_mol.io import write_sdf
     from fdc_mol.runlog import start_run
     from flowmol_ext import load_pretrained
+    from flowmol_ext.config import check_device
+    from flowmol_ext.io_utils import check_writable_dir
     from flowmol_ext.model.sampler import SamplerConfig, sample_molecules
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device, "--device")
+    if args.n_molecules < 1:
+        raise ValueError(f"-n/--n-molecules must be >= 1, got {args.n_molecules}")
+    if args.n_atoms is not None and args.n_atoms < 1:
+        raise ValueError(f"--n-atoms must be >= 1, got {args.n_atoms}")
+    for option, value, ok, rule in (
+        ("--steps", args.steps, args.steps >= 1, ">= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--stochasticity", args.stochasticity, args.stochasticity >= 0, ">= 0"),
+        ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+        ("--hc-thresh", args.hc_thresh, 0 <= args.hc_thresh <= 1, "in [0, 1]"),
+    ):
+        if not ok:
+            raise ValueError(f"{option} must be {rule}, got {value}")
     cfg = SamplerConfig(steps=args.steps, position_sampler="sde" if args.sde else "ode",
                         stochasticity=args.stochasticity, temperature=args.temperature, hc_thresh=args.hc_thresh,
                         batch_size=args.batch_size)
+    if args.output.is_dir():
+        raise ValueError(f"-o/--output {args.output} is a folder; give an SDF file path")
+    check_writable_dir(args.output.parent, "-o/--output")  # before sampling, not after
     start_run("sample", seed=args.seed, config={"model": str(args.model), "n": args.n_molecules,
                                                  "sampler": cfg.model_dump()}, device=device)
     model = load_pretrained(args.model, device=device)

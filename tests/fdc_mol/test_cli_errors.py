@@ -1,0 +1,136 @@
+"""Every failure of the ``fdc-mol`` command is one line on stderr naming the option, key or file,
+with a nonzero exit status, and is found before long work or any output."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rdkit import Chem
+
+from fdc_mol.cli import main
+from flowmol_ext.pretrained import REGISTRY
+from tests.conftest import QM9_SAMPLE_DIR
+from tests.flowmol_ext.test_chem import embed
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str, *needles: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if "fdc-mol" in ln and "error" in ln]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "http" not in lines[0] and "pydantic" not in lines[0], err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--steps", "-5"], "--steps"), (["--device", "tpu"], "--device"), (["-n", "0"], "--n-molecules"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_sample_bad_options(capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str], needle: str) -> None:
+    code, out, err = _run(capsys, "sample", *argv, "-o", str(tmp_path / "m.sdf"))
+    assert code == 2 and "wrote" not in out
+    _one_line_error(err, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_sample_cuda_without_cuda(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "sample", "--device", "cuda", "-o", str(tmp_path / "m.sdf"))
+    assert code == 2
+    _one_line_error(err, "--device", "no CUDA")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_corrupt_model_weights_name_the_file(capsys: pytest.CaptureFixture, tmp_path: Path, damage: str) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(REGISTRY["qm9_small"], model)
+    weights = model / "model.pt"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "garbage": b"\x80\x04garbage" * 50}[damage])
+    code, _, err = _run(capsys, "sample", "-m", str(model), "-n", "2", "--steps", "2", "--device", "cpu",
+                        "-o", str(tmp_path / "m.sdf"))
+    assert code == 2
+    _one_line_error(err, str(weights))
+
+
+def test_sample_read_only_output_is_refused_before_sampling(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        import os
+
+        target = ro if not os.access(ro, os.W_OK) else Path("/proc")  # root ignores permission bits
+        code, out, err = _run(capsys, "sample", "-m", "no-such-model", "-n", "2", "-o", str(target / "m.sdf"))
+    finally:
+        ro.chmod(0o755)
+    assert code == 2 and "wrote" not in out
+    _one_line_error(err, "-o/--output", "cannot write")  # not "unknown model": checked first
+
+
+def _sdf_bytes() -> bytes:
+    return "".join(Chem.MolToMolBlock(embed(s)) + "$$$$\n" for s in ("CCO", "CC=O", "C#N")).encode()
+
+
+def test_evaluate_sniffs_gzip_by_content(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    plain_named_gz = tmp_path / "plain.sdf.gz"
+    plain_named_gz.write_bytes(_sdf_bytes())
+    gz_named_sdf = tmp_path / "packed.sdf"
+    gz_named_sdf.write_bytes(gzip.compress(_sdf_bytes()))
+    for path in (plain_named_gz, gz_named_sdf):
+        code, out, err = _run(capsys, "evaluate", str(path))
+        assert code == 0, err
+        assert f"{path}: 3 records" in out and "unparsable:" not in out
+    truncated = tmp_path / "cut.sdf.gz"
+    truncated.write_bytes(gzip.compress(_sdf_bytes())[:-30])
+    code, _, err = _run(capsys, "evaluate", str(truncated))
+    assert code == 2
+    _one_line_error(err, str(truncated), "truncated or corrupt gzip")
+
+
+def test_evaluate_record_reasons_have_no_cpp_stack_trace(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    block = Chem.MolToMolBlock(embed("CO")).splitlines()
+    block[4] = block[4].replace(" C ", " Xx")
+    path = tmp_path / "bad.sdf"
+    path.write_text("\n".join(block) + "\n$$$$\n" + Chem.MolToMolBlock(embed("CCO")) + "$$$$\n")
+    code, out, _ = _run(capsys, "evaluate", str(path))
+    assert code == 0
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("unparsable")]
+    assert "Element 'Xx' not found" in line and "Stacktrace" not in line and len(line) < 400, line
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("train", "max_time", "banana"), ("train", "max_steps", -5), ("train", "accelerator", "tpu"),
+    ("data", "batch_size", 0), ("optim", "lr", -0.1), ("data", "num_workers", -1),
+])
+def test_pretrain_bad_config_names_the_key_before_creating_the_run_dir(
+        capsys: pytest.CaptureFixture, tmp_path: Path, section: str, key: str, value: object) -> None:
+    run = tmp_path / "run"
+    cfg = {"train": {"run_dir": str(run), "accelerator": "cpu"}, "data": {"data_dir": str(tmp_path / "nodata")},
+           section: {key: value}}
+    if section == "train":
+        cfg["train"] = {"run_dir": str(run), key: value}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = _run(capsys, "pretrain", "-c", str(tmp_path / "c.yaml"))
+    assert code == 2
+    _one_line_error(err, f"{section}.{key}")
+    assert not run.exists()
+
+
+def test_data_qm9_header_only_csv(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    csv = tmp_path / "h.csv"
+    csv.write_text((QM9_SAMPLE_DIR / "qm9_sample.csv").read_text().splitlines()[0] + "\n")
+    code, _, err = _run(capsys, "data", "qm9", "--source", "csv", "--path", str(csv), "--data-dir",
+                        str(tmp_path / "out"), "--workers", "1", "--no-progress")
+    assert code == 2
+    _one_line_error(err, str(csv), "no molecules")
