@@ -34,7 +34,9 @@ class Graph:
     """Index tensors of a batch of fully connected graphs.
 
     ``src``, ``dst``, ``edge_graph``, ``upper``: (E,); ``node_graph``: (N,); ``n_atoms``: (B,);
-    ``node_offset``: (B,) first node of each molecule.
+    ``node_offset``: (B,) first node of each molecule. ``upper_index`` / ``lower_index`` (E/2,): the
+    positions of the upper edges and of their mirrored lower edges (filled by :func:`build_graph`;
+    derived from ``upper`` when a Graph is built without them).
     """
 
     n_atoms: Tensor
@@ -44,6 +46,15 @@ class Graph:
     dst: Tensor
     edge_graph: Tensor
     upper: Tensor
+    upper_index: Tensor | None = None
+    lower_index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.upper_index is None or self.lower_index is None:
+            up = torch.nonzero(self.upper).squeeze(-1)
+            lo = torch.nonzero(~self.upper).squeeze(-1)
+            object.__setattr__(self, "upper_index", up)
+            object.__setattr__(self, "lower_index", lo)
 
     @property
     def num_graphs(self) -> int:
@@ -53,12 +64,25 @@ class Graph:
     def num_nodes(self) -> int:
         return int(self.node_graph.numel())
 
+    @property
+    def num_upper(self) -> int:
+        """Number of upper (i < j) edges, E/2."""
+        return int(self.upper_lower_index()[0].numel())
+
+    def upper_lower_index(self) -> tuple[Tensor, Tensor]:
+        """(upper_index, lower_index), each (E/2,) long: lower edge ``lower_index[k]`` mirrors ``upper_index[k]``."""
+        return self.upper_index, self.lower_index  # type: ignore[return-value]  # set in __post_init__
+
     def to(self, device: torch.device | str) -> Graph:
         return Graph(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 def build_graph(n_atoms: Tensor | list[int], device: torch.device | str | None = None) -> Graph:
-    """Build the batched fully connected graph for molecules of the given sizes."""
+    """Build the batched fully connected graph for molecules of the given sizes.
+
+    Per-size local edge lists are cached; the batch is assembled with one concatenation and
+    vectorised offsets (no per-molecule tensor arithmetic).
+    """
     sizes = [int(n) for n in (n_atoms.tolist() if isinstance(n_atoms, Tensor) else n_atoms)]
     if any(n < 1 for n in sizes):
         raise ValueError(f"every molecule needs at least one atom; got sizes {sizes}")
@@ -66,25 +90,32 @@ def build_graph(n_atoms: Tensor | list[int], device: torch.device | str | None =
     offsets = torch.zeros(len(sizes), dtype=torch.long)
     if sizes:
         offsets[1:] = torch.cumsum(n_atoms_t, 0)[:-1]
-    srcs, dsts, egs, ups = [], [], [], []
-    for b, (n, off) in enumerate(zip(sizes, offsets.tolist())):
-        s, d = _local_edges(n)
-        srcs.append(s + off)
-        dsts.append(d + off)
-        m = s.numel()
-        egs.append(torch.full((m,), b, dtype=torch.long))
-        up = torch.zeros(m, dtype=torch.bool)
-        up[: m // 2] = True
-        ups.append(up)
     empty = torch.zeros(0, dtype=torch.long)
+    n_edges = n_atoms_t * (n_atoms_t - 1)
+    if sizes and int(n_edges.sum()) > 0:
+        local = [_local_edges(n) for n in sizes]
+        edge_graph = torch.repeat_interleave(torch.arange(len(sizes)), n_edges)
+        node_off = offsets[edge_graph]
+        src = torch.cat([s for s, _ in local]) + node_off
+        dst = torch.cat([d for _, d in local]) + node_off
+        edge_off = torch.cumsum(n_edges, 0) - n_edges
+        pos = torch.arange(src.numel()) - edge_off[edge_graph]
+        upper = pos < (n_edges // 2)[edge_graph]
+        upper_index = torch.nonzero(upper).squeeze(-1)
+        lower_index = upper_index + (n_edges // 2)[edge_graph[upper_index]]
+    else:
+        src = dst = edge_graph = upper_index = lower_index = empty
+        upper = torch.zeros(0, dtype=torch.bool)
     g = Graph(
         n_atoms=n_atoms_t,
         node_offset=offsets,
         node_graph=torch.repeat_interleave(torch.arange(len(sizes)), n_atoms_t),
-        src=torch.cat(srcs) if srcs else empty,
-        dst=torch.cat(dsts) if dsts else empty,
-        edge_graph=torch.cat(egs) if egs else empty,
-        upper=torch.cat(ups) if ups else torch.zeros(0, dtype=torch.bool),
+        src=src,
+        dst=dst,
+        edge_graph=edge_graph,
+        upper=upper,
+        upper_index=upper_index,
+        lower_index=lower_index,
     )
     return g.to(device) if device is not None else g
 
@@ -95,10 +126,10 @@ def lower_from_upper(upper_values: Tensor, graph: Graph) -> Tensor:
     Each molecule stores its upper block, then its lower block with the same pair order, so the
     lower edges taken in order carry exactly the upper values taken in order.
     """
+    up, lo = graph.upper_lower_index()
     out = upper_values.new_empty((graph.src.numel(),) + tuple(upper_values.shape[1:]))
-    out[graph.upper] = upper_values
-    out[~graph.upper] = upper_values
-    return out
+    out.index_copy_(0, up, upper_values)
+    return out.index_copy_(0, lo, upper_values)
 
 
 def scatter_sum(values: Tensor, index: Tensor, dim_size: int) -> Tensor:

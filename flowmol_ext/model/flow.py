@@ -151,7 +151,8 @@ class FlowMol(nn.Module):
             pred.x1, pred.a, pred.c, pred.e, x1.x,
             masked_targets(x1.a, path.a_t, ma),
             masked_targets(x1.c, path.c_t, mc),
-            masked_targets(x1.e[g.upper], path.e_t[g.upper], me),
+            masked_targets(x1.e.index_select(0, g.upper_lower_index()[0]),
+                           path.e_t.index_select(0, g.upper_lower_index()[0]), me),
             self.cfg.loss_weights,
         )
 

@@ -90,7 +90,8 @@ def sample_conditional_path(
     rand(N) for a, rand(N) for c, rand(E/2) for upper edges (or the given ``draws``).
     """
     g = x1.graph
-    n, n_up = g.num_nodes, int(g.upper.sum())
+    n, n_up = g.num_nodes, g.num_upper
+    up, _ = g.upper_lower_index()
     if x0.shape != x1.x.shape:
         raise ValueError(f"x0 shape {tuple(x0.shape)} must match x1.x shape {tuple(x1.x.shape)}")
     if alpha_t.shape != (g.num_graphs, 4):
@@ -105,7 +106,8 @@ def sample_conditional_path(
     x_t = (1 - w) * x0 + w * x1.x
     a_t = torch.where(u_a < 1 - alpha_t[:, 1][g.node_graph], mask_index[0], x1.a.long())
     c_t = torch.where(u_c < 1 - alpha_t[:, 2][g.node_graph], mask_index[1], x1.c.long())
-    e_up = torch.where(u_e < 1 - alpha_t[:, 3][g.edge_graph[g.upper]], mask_index[2], x1.e[g.upper].long())
+    e_up = torch.where(u_e < 1 - alpha_t[:, 3][g.edge_graph.index_select(0, up)], mask_index[2],
+                       x1.e.index_select(0, up).long())
     return ConditionalPath(x_t=x_t, a_t=a_t, c_t=c_t, e_t=lower_from_upper(e_up, g))
 
 

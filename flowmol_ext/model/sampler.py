@@ -131,7 +131,9 @@ def flow_step(
                   hc_thresh=cfg.hc_thresh, generator=generator)
     a_new = ctmc_step(state.a, pred.a, mask_index=ma, group=graph.node_graph, **common).state
     c_new = ctmc_step(state.c, pred.c, mask_index=mc, group=graph.node_graph, **common).state
-    e_up = ctmc_step(state.e[graph.upper], pred.e, mask_index=me, group=graph.edge_graph[graph.upper], **common).state
+    up, _ = graph.upper_lower_index()
+    e_up = ctmc_step(state.e.index_select(0, up), pred.e, mask_index=me, group=graph.edge_graph.index_select(0, up),
+                     **common).state
     return SampleState(x=x_new, a=a_new, c=c_new, e=lower_from_upper(e_up, graph)), used_noise
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from flowmol_ext.graph import Graph, remove_com
 from flowmol_ext.model.config import ModelConfig
-from flowmol_ext.model.gvp import GVP, GVPConv, norm_no_nan, rbf, run_gvps
+from flowmol_ext.model.gvp import GVP, GVPConv, linear_blocks, norm_no_nan, rbf, run_gvps, run_gvps_xyz
 
 
 @dataclass
@@ -50,6 +50,11 @@ class NodePositionUpdate(nn.Module):
         _, dx = run_gvps(self.gvps, h, v)
         return x + dx.squeeze(1)
 
+    def forward_xyz(self, h: Tensor, x: Tensor, v: Tensor) -> Tensor:
+        """As :meth:`forward` with xyz-major vectors v (N, 3, V)."""
+        _, dx = run_gvps_xyz(self.gvps, h, v)
+        return x + dx.squeeze(-1)
+
 
 class EdgeUpdate(nn.Module):
     """e ← LN(e + MLP([h_src, h_dst, e, rbf(d)]))."""
@@ -69,10 +74,10 @@ class EdgeUpdate(nn.Module):
         n_s = h.shape[-1]
         # Project h per node with the h_src / h_dst weight blocks, then gather per edge (fewer FLOPs).
         w = first.weight
-        h_src = torch.nn.functional.linear(h, w[:, :n_s])[src]
-        h_dst = torch.nn.functional.linear(h, w[:, n_s : 2 * n_s])[dst]
-        rest = torch.cat((e, d_rbf), dim=-1) if self.update_edge_w_distance else e
-        out = act(torch.addmm(first.bias, rest, w[:, 2 * n_s :].t()) + h_src + h_dst)
+        h_src = torch.nn.functional.linear(h, w[:, :n_s]).index_select(0, src)
+        h_dst = torch.nn.functional.linear(h, w[:, n_s : 2 * n_s]).index_select(0, dst)
+        rest = [e, d_rbf] if self.update_edge_w_distance else [e]
+        out = act(linear_blocks(rest, w, first.bias, col0=2 * n_s).add_(h_src).add_(h_dst))
         for layer in tail:
             out = layer(out)
         return self.edge_norm(e + out)
@@ -114,7 +119,7 @@ class VectorField(nn.Module):
 
     def _geometry(self, x: Tensor, graph: Graph) -> tuple[Tensor, Tensor]:
         """Unit displacement (E, 3) of x_src − x_dst and RBF of the distance (E, rbf_dim)."""
-        diff = x[graph.src] - x[graph.dst]
+        diff = x.index_select(0, graph.src) - x.index_select(0, graph.dst)
         dij = norm_no_nan(diff, keepdim=True) + 1e-8
         return diff / dij, rbf(dij.squeeze(1), d_max=self.cfg.rbf_dmax, count=self.cfg.rbf_dim)
 
@@ -148,26 +153,27 @@ class VectorField(nn.Module):
         s_in = torch.cat((a_t.to(dtype), t.to(dtype)[graph.node_graph].unsqueeze(-1), c_t.to(dtype)), dim=-1)
         h = self.scalar_embedding(s_in)
         e = self.edge_embedding(e_t.to(dtype))
-        v = x_t.new_zeros((x_t.shape[0], cfg.n_vec_channels, 3))
+        v = x_t.new_zeros((x_t.shape[0], 3, cfg.n_vec_channels))  # xyz-major (N, 3, V) inside the network
         x = x_t
         if trace is not None:
             trace["scalar_embedding"], trace["edge_embedding"] = h, e
         unit, d_rbf = self._geometry(x, graph)
         for _ in range(cfg.n_recycles):
             for k, conv in enumerate(self.conv_layers):
-                h, v = conv(h, v, e, unit, d_rbf, graph.src, graph.dst)
+                h, v = conv.forward_xyz(h, v, e, unit, d_rbf, graph.src, graph.dst)
                 if trace is not None:
-                    trace[f"conv{k}_h"], trace[f"conv{k}_v"] = h, v
+                    trace[f"conv{k}_h"], trace[f"conv{k}_v"] = h, v.transpose(1, 2)
                 u = self._updater_index(k)
                 if u is None:
                     continue
-                x = self.node_position_updaters[u](h, x, v)
+                x = self.node_position_updaters[u].forward_xyz(h, x, v)
                 unit, d_rbf = self._geometry(x, graph)
                 e = self.edge_updaters[u](h, e, d_rbf, graph.src, graph.dst)
                 if trace is not None:
                     trace[f"pos_update{k}"], trace[f"edge_update{k}"] = x, e
         node_out = self.node_output_head(h)
-        e_logits = self.to_edge_logits(e[graph.upper] + e[~graph.upper])
+        up, lo = graph.upper_lower_index()
+        e_logits = self.to_edge_logits(e.index_select(0, up) + e.index_select(0, lo))
         return VectorFieldOutput(
             x=x, a=node_out[:, : cfg.n_atom_types], c=node_out[:, cfg.n_atom_types :], e=e_logits
         )
