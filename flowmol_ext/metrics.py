@@ -126,8 +126,18 @@ def is_connected(mol: MolLike) -> bool:
     return n_fragments(mol) == 1
 
 
+def _remove_hs_params() -> Chem.RemoveHsParameters:
+    """RemoveHs settings for stereo-free canonical SMILES: also drop hydrogens that only define
+    double-bond stereo or carry a wedge (RDKit keeps those by default, e.g. the imine ``[H]N=CC``,
+    which would then never match the training SMILES ``CC=N``)."""
+    params = Chem.RemoveHsParameters()
+    params.removeDefiningBondStereo = True
+    params.removeWithWedgedBond = True
+    return params
+
+
 def _smiles_of_sanitized(s: Chem.Mol) -> str:
-    return Chem.MolToSmiles(Chem.RemoveHs(s, sanitize=False), isomericSmiles=False)
+    return Chem.MolToSmiles(Chem.RemoveHs(s, _remove_hs_params(), sanitize=False), isomericSmiles=False)
 
 
 def canonical_smiles(mol: MolLike, largest_fragment: bool = True) -> str | None:
@@ -143,7 +153,9 @@ def canonical_smiles(mol: MolLike, largest_fragment: bool = True) -> str | None:
 def canonicalize_smiles(smiles: str) -> str | None:
     """Canonical form of a SMILES string as :func:`canonical_smiles` writes it, or None if unparsable."""
     m = Chem.MolFromSmiles(smiles.strip())
-    return None if m is None else Chem.MolToSmiles(m, isomericSmiles=False)
+    if m is None:
+        return None
+    return Chem.MolToSmiles(Chem.RemoveHs(m, _remove_hs_params(), sanitize=False), isomericSmiles=False)
 
 
 def smiles_hash(smiles: str) -> int:

@@ -152,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
     start_run("evaluate", seed=None, config=config)
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.out is not None:
+        from flowmol_ext.io_utils import check_writable_dir
+
+        check_writable_dir(args.out.parent, "--out")  # before the (possibly long) evaluation
     records = read_sdf(args.file)
     mols = [m for m, _ in records]
     bad = [why for m, why in records if m is None]
