@@ -54,7 +54,8 @@ class AdjointMatchingModule(pl.LightningModule):
         self.optimizer_state = optimizer_state
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Steps(10**9), batch_size=1)
+        # One item per optimizer step; no distributed sampler (every rank makes its own trajectories).
+        return DataLoader(_Steps(max(1, self.stage.steps)), batch_size=1)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         seed = self.stage.seed * 100_003 + int(self.global_step) * 31 + int(self.global_rank) * 7_919
@@ -109,7 +110,7 @@ class LightningAMSolver:
             max_steps=stage.steps, accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
             logger=logger, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
             gradient_clip_val=self.am.grad_clip_norm, gradient_clip_algorithm="norm", log_every_n_steps=1,
-            enable_progress_bar=self.progress,
+            enable_progress_bar=self.progress, use_distributed_sampler=False, max_epochs=-1,
         )
         trainer.fit(module)
         self.optimizer_state = trainer.optimizers[0].state_dict()
