@@ -28,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["tblite", "xtb"], default="tblite", help="xTB engine for gfn1/gfn2")
     p.add_argument("--workers", type=int, default=1, help="worker processes for energies")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    p.add_argument("--geometry", action="store_true",
+                   help="also relax each valid molecule with GFN2-xTB (tblite, L-BFGS): median relaxation energy "
+                        "(kcal/mol) and heavy-atom RMSD (A); PoseBusters molecule checks; internal diversity")
+    p.add_argument("--relax-max-steps", type=int, default=500, help="L-BFGS iterations per relaxation (--geometry)")
+    p.add_argument("--relax-gtol", type=float, default=5e-4,
+                   help="relaxation converged when the largest gradient component is below this, Eh/A")
 
 
 def _train_smiles(args: argparse.Namespace) -> tuple[list[str] | None, bool, str]:
@@ -152,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
     start_run("evaluate", seed=None, config=config)
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.relax_max_steps < 1 or args.relax_gtol <= 0:
+        raise ValueError(f"--relax-max-steps must be >= 1 and --relax-gtol > 0, got {args.relax_max_steps} and "
+                         f"{args.relax_gtol}")
     if args.out is not None:
         from flowmol_ext.io_utils import check_writable_dir
 
@@ -169,8 +178,19 @@ def run(args: argparse.Namespace) -> int:
             metrics.update(_energies(args, mols))
         except ImportError as err:
             raise ValueError(f"--energy {args.energy}: the reward layer is unavailable ({err})") from err
+    if args.geometry:
+        from fdc_mol.geometry import geometry_metrics
+
+        metrics.update(geometry_metrics(mols, workers=args.workers, max_steps=args.relax_max_steps,
+                                        gtol=args.relax_gtol))
     print(f"{args.file}: {len(records)} records")
     print(_table(metrics))
+    if isinstance(metrics.get("posebusters"), dict):
+        print("PoseBusters pass rates: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in metrics["posebusters"].items()))
+    elif "posebusters" in metrics:
+        print(f"PoseBusters: {metrics['posebusters']}")
+    for why, count in list(metrics.get("relax_failure_reasons", {}).items())[:10]:
+        print(f"relaxation failed ({count}x): {why}")
     print(note)
     if metrics["n_missing_h"]:
         print(f"warning: {metrics['n_missing_h']} molecules have no explicit hydrogens; hydrogens are not "
