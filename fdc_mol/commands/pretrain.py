@@ -23,6 +23,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also export a model directory every N steps under RUN_DIR/snapshots (learning curves)")
 
 
+def _resume_run_dir(resume: Path) -> str:
+    """The run_dir to use for ``--resume RESUME``: the saved spelling when it names the same folder
+    (relative vs absolute, symlinks), so that resuming never rewrites the run's config; else RESUME."""
+    import yaml
+
+    try:
+        saved = (yaml.safe_load((resume / "config.yaml").read_text()) or {}).get("train", {}).get("run_dir")
+    except (OSError, yaml.YAMLError, AttributeError):
+        saved = None
+    if saved and Path(saved).resolve() == resume.resolve():
+        return str(saved)
+    return str(resume)
+
+
 def run(args: argparse.Namespace) -> int:
     from fdc_mol.runlog import start_run
     from flowmol_ext.config import load_config
@@ -34,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         overrides["train"]["run_dir"] = str(args.run_dir)
     if args.resume is not None:
-        overrides["train"]["run_dir"] = str(args.resume)
+        overrides["train"]["run_dir"] = _resume_run_dir(args.resume)
     for key, val in (("max_steps", args.max_steps), ("max_time", args.max_time),
                      ("accelerator", args.accelerator), ("seed", args.seed), ("init_from", args.init_from)):
         if val is not None:

@@ -57,11 +57,12 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
-def _train_steps(run: Path) -> list[int]:
+def _train_steps(run: Path, column: str = "train/loss") -> list[int]:
+    """Logged steps with a value in ``column``, over every log version of the run."""
     steps = []
     for metrics in sorted((run / "logs").glob("v*/metrics.csv")):
         with open(metrics) as fh:
-            steps += [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+            steps += [int(r["step"]) for r in csv.DictReader(fh) if r.get(column)]
     return steps
 
 
@@ -87,6 +88,7 @@ def test_resume_after_a_kill_with_a_truncated_last_ckpt_equals_the_uninterrupted
         p.name for p in (straight / "checkpoints").glob("*.ckpt"))  # one best, one step checkpoint, last
     steps = _train_steps(killed)
     assert len(steps) == len(set(steps)) and sorted(steps) == sorted(_train_steps(straight))
+    assert sorted(_train_steps(killed, "val/loss")) == sorted(_train_steps(straight, "val/loss"))
 
 
 @pytest.mark.parametrize(("section", "key", "value"), [
@@ -146,3 +148,17 @@ def test_signal_exits_128_plus_signum_after_saving_a_checkpoint(data_dir: Path, 
                               str(step + 2)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert load_model_dir(run / "model_last").metadata["global_step"] == step + 2
+
+
+def test_resume_through_another_spelling_of_the_run_dir(data_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from fdc_mol.cli import main
+
+    run = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg_dict(data_dir, run, 3)))
+    assert main(["pretrain", "-c", str(tmp_path / "c.yaml")]) == 0
+    saved = (run / "config.yaml").read_text()
+    (tmp_path / "link").symlink_to(run)
+    assert main(["pretrain", "--resume", str(tmp_path / "link"), "--max-steps", "5"]) == 0, capsys.readouterr().err
+    assert load_model_dir(run / "model_last").metadata["global_step"] == 5
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["run_dir"] == str(run)
+    assert yaml.safe_load(saved)["train"]["max_steps"] == 3
