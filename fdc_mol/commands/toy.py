@@ -17,7 +17,8 @@ KEYS = {
     "cvar": ["worst1_cost", "mean_cost"],
     "sq": ["top1_reward", "mean_reward"],
     "w1": ["mean_reward", "w1_A", "delta_pct"],
-    "entropy": ["hist_entropy", "kde_entropy", "on_ring"],
+    "entropy": ["hist_entropy", "nll_entropy", "nll_pre_exact", "kde_entropy", "kl_pre", "on_ring"]
+    + [f"mode{i}" for i in range(8)],
 }
 
 
@@ -27,12 +28,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/toy", help="output directory (tables, plots, checkpoints)")
     parser.add_argument("--config", default=None, help="YAML ToyConfig for a single setting (default: built-in)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (smoke test; numbers not meaningful)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (YAML value), e.g. --set alpha=0 --set K=10; repeatable",
+    )
+
+
+def _overrides(items: list[str]) -> dict:
+    """Parse ``KEY=VALUE`` strings (VALUE as YAML) into a dict."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _fmt(vals: list[float]) -> str:
+    """mean ± sample std (ddof 1) of the values; '–' when there are none."""
     import numpy as np
 
     a = np.asarray(vals, dtype=float)
+    if a.size == 0:
+        return "–"
     return f"{a.mean():.3f} ± {a.std(ddof=1) if a.size > 1 else 0.0:.3f}"
 
 
@@ -64,9 +88,21 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(ToyConfig, args.config) if args.config else default_config(s)
         if cfg.setting != s:
             raise ValueError(f"config {args.config} is for setting {cfg.setting!r}, not {s!r}")
+        if args.set:
+            cfg = ToyConfig(**{**cfg.model_dump(), **_overrides(args.set)})
         if args.quick:
             cfg = cfg.model_copy(
-                update={"steps_per_iter": 2, "n_fit": 200, "n_eval": 300, "n_traj": 8, "steps": 8, "critic_steps": 5}
+                update={
+                    "K": min(cfg.K, 3),
+                    "steps_per_iter": 2,
+                    "n_fit": 200,
+                    "n_eval": 300,
+                    "n_traj": 8,
+                    "steps": 8,
+                    "critic_steps": 5,
+                    "n_ll": min(cfg.n_ll, 50),
+                    "ll_steps": 20,
+                }
             )
         sdir = out / s
         start_run(f"toy {s}", seed=0, config=cfg, run_dir=sdir)
@@ -76,9 +112,12 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.time()
             res = run_setting(cfg, seed, run_dir=sdir)
             for m in per:
-                per[m].append(res["metrics"][m])
+                if m in res["metrics"]:
+                    per[m].append(res["metrics"][m])
             for m in secs:
-                secs[m].append(res["seconds"][m])
+                if m in res["seconds"]:
+                    secs[m].append(res["seconds"][m])
+            torch.save({m: x[:3000].clone() for m, x in res["samples"].items()}, sdir / f"{s}_samples_seed{seed}.pt")
             if seed == 0:
                 plot_setting(
                     s,
@@ -89,13 +128,15 @@ def run(args: argparse.Namespace) -> int:
                 )
             print(
                 f"[{s}] seed {seed}: "
-                + json.dumps({m: res["metrics"][m] for m in per})
+                + json.dumps(res["metrics"])
                 + f" ({time.time() - t0:.0f}s)",
                 flush=True,
             )
         summary[s] = {"config": cfg.model_dump(), "per_seed": per, "seconds": secs}
         for key in KEYS[s]:
-            row = [_fmt([d[key] for d in per[m]]) for m in ("pre", "am", "fdc")]
+            if not any(key in d for m in per for d in per[m]):
+                continue
+            row = [_fmt([d[key] for d in per[m] if key in d]) for m in ("pre", "am", "fdc")]
             lines.append(f"| {s} | {key} | " + " | ".join(row) + f" | {PAPER[s] if key == KEYS[s][0] else ''} |")
         lines.append(f"| {s} | seconds/run | – | {_fmt(secs['am'])} | {_fmt(secs['fdc'])} | |")
     table = "\n".join(lines)

@@ -11,9 +11,12 @@ from flowmol_ext.io_utils import atomic_write
 
 from .settings import Landscape
 
+TITLES = {"pre": "pre-trained", "am": "AM baseline", "fdc": "FDC"}
+
 
 def plot_setting(setting: str, land: Landscape, samples: dict[str, Tensor], path: Path, title: str = "") -> None:
-    """One panel per method (pre, am, fdc): reward (or log p_pre for entropy) as background, 1500 samples."""
+    """One panel per entry of ``samples`` (label -> (n, 2), in order; "pre"/"am"/"fdc" get long titles):
+    reward (or log p_pre for entropy) as background, the first 1500 samples in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +35,7 @@ def plot_setting(setting: str, land: Landscape, samples: dict[str, Tensor], path
         label = "cost" if setting == "cvar" else "reward"
         if setting == "cvar":
             bg = -bg
-    names = [m for m in ("pre", "am", "fdc") if m in samples]
+    names = list(samples)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         im = ax.imshow(bg.reshape(200, 200).numpy(), origin="lower", extent=land.extent, cmap="viridis", aspect="auto")
@@ -40,7 +43,7 @@ def plot_setting(setting: str, land: Landscape, samples: dict[str, Tensor], path
         ax.scatter(x[:, 0], x[:, 1], s=2, c="red", alpha=0.5)
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
-        ax.set_title({"pre": "pre-trained", "am": "AM baseline", "fdc": "FDC"}[name])
+        ax.set_title(TITLES.get(name, name))
     fig.colorbar(im, ax=axes[0].tolist(), label=label, shrink=0.8)
     fig.suptitle(title or setting)
     atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))

@@ -48,4 +48,20 @@ def test_toy_command_quick(tmp_path, capsys):
     assert "worst1_cost" in (tmp_path / "toy_table.md").read_text()
     summary = json.loads((tmp_path / "toy_summary.json").read_text())
     assert len(summary["cvar"]["per_seed"]["fdc"]) == 2
-    assert (tmp_path / "cvar" / "fdc_seed0" / "fdc_checkpoint.pt").is_file()
+    assert (tmp_path / "cvar" / "fdc_seed0" / "stages" / "stage_001" / "stage_done.json").is_file()
+
+
+@pytest.mark.slow
+def test_toy_entropy_quick_with_overrides(tmp_path):
+    rc = main(["toy", "entropy", "--seeds", "1", "--out", str(tmp_path), "--quick", "--set", "alpha=0"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "toy_summary.json").read_text())
+    assert summary["entropy"]["config"]["alpha"] == 0.0
+    assert summary["entropy"]["per_seed"]["am"] == []  # the entropy default runs no AM baseline
+    fdc = summary["entropy"]["per_seed"]["fdc"][0]
+    assert {"hist_entropy", "nll_entropy", "kl_pre", "mode0"} <= set(fdc)
+    assert sum(fdc[f"mode{i}"] for i in range(8)) == pytest.approx(1.0)
+    table = (tmp_path / "toy_table.md").read_text()
+    assert "nll_entropy" in table and "| – |" in table
+    assert (tmp_path / "entropy" / "entropy_samples_seed0.pt").is_file()
+    assert main(["toy", "entropy", "--out", str(tmp_path), "--quick", "--set", "alpha"]) != 0
