@@ -23,7 +23,10 @@ __all__ = ["KL", "Renyi", "Wasserstein1", "Objective", "FittedObjective"]
 
 
 class KL:
-    """KL(p ‖ p_pre) through the score difference at t = 1 − ε. The value is not estimated (NaN)."""
+    """KL(p ‖ p_pre) through the score difference at t = 1 − ε: δKL = 1 + log p − log p_pre, so
+    ∇δKL = s_p − s_pre (p the current model p_{k−1}); G = F − α·KL adds −α(s_p − s_pre), pulling mass back
+    toward p_pre. The value is not estimated (NaN; fdc_mol.fdc.density.kl_from_log_probs estimates it from
+    log-densities). The current model's score has the amplification pitfall of :class:`ScoreEntropy`."""
 
     name = "kl"
 

@@ -269,6 +269,14 @@ class ScoreEntropy:
 
     The value is estimated by a KDE (leave-one-out, identity features) on the fit sample (nats), since a
     score gives no density; set ``value_by_kde=False`` to skip it (NaN).
+
+    Pitfall (issue 17, docs/toy_entropy.md): s = (v − κ_t x)/η_t divides the velocity by η_{1−ε} ≈ ε, so
+    any error of the *fine-tuned* velocity near t = 1 is amplified by t/(1 − t) (199 at ε = 0.005), and
+    adjoint matching barely constrains the score there (its loss weights score errors by σ_t² = 2η_t). A
+    fine-tuned residual that is smooth in t (Δv(0.995) ≈ Δv(1 − 1/T)) then reports a score change ~10×
+    too large (T = 20) plus noise, and −s_{k−1} can point toward high density. Parametrise the fine-tuned
+    part so its score residual stays bounded (e.g. Δv = (1 − t)·net, fdc_mol.toy.flows) or check the
+    current model's score against a closed form before trusting it.
     """
 
     name = "entropy_score"
