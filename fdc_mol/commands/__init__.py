@@ -12,5 +12,6 @@ COMMANDS: dict[str, str] = {
     "finetune": "fdc_mol.commands.finetune",
     "compare": "fdc_mol.commands.compare",
     "demo": "fdc_mol.commands.demo",
+    "model-card": "fdc_mol.commands.model_card",
     "toy": "fdc_mol.commands.toy",
 }
