@@ -5,17 +5,27 @@ QM9-like batches, same definitions of a train step / forward / sample), so its r
 by side. The official code cannot run here (DGL has no wheel for torch ≥ 2.3), so the baseline is the
 recorded table measured on the same kind of 2-core machine, not in this run: the ratio is indicative.
 
-    python bench/bench_model.py --config small --threads 2
-    python bench/bench_model.py --config paper --device cuda
+Issue 16: by default every task is also run with "today's" code (commit ``aac49eb``, the head before
+the speed work, imported side by side by ``bench/_baseline.py``) on the same weights and inputs,
+old and new interleaved rep by rep, and the table prints today/new and, from the official/today
+medians measured side by side on this machine kind (issue 16: train B=32 1.18×, B=128 1.29×,
+forward 100 1.18×, sampling 100×100 1.10×), the implied official/new ratio. ``--compile`` times
+the new network under ``torch.compile`` as an extra column (after a warm-up call that compiles).
+
+    OMP_NUM_THREADS=2 python bench/bench_model.py --config small --threads 2
+    python bench/bench_model.py --config paper --device cuda --no-compare
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +40,10 @@ HIST_COUNTS = [1, 3, 3, 9, 16, 50, 132, 358, 799, 1632, 2960, 5102, 7700, 10332,
                3324, 4765, 538, 1397, 42, 270, 26]
 P_A = [0.35283, 0.51207, 0.05618, 0.07764, 0.00129]
 P_E = [0.88177, 0.11046, 0.00598, 0.00179]
+
+# Issue 16: official/today (commit aac49eb) measured side by side on this machine kind (small config,
+# 2 threads, 5 interleaved rounds, medians of 5 reps).
+OFFICIAL_OVER_TODAY = {"train32": 1.18, "train128": 1.29, "fwd100": 1.18, "sample100": 1.10}
 
 # Official code, random weights, 2-core VM (fixtures README §4): median seconds for (threads=2, threads=1).
 BASELINE = {
@@ -69,6 +83,42 @@ def timed(fn, reps: int, sync) -> list[float]:  # noqa: ANN001
     return out
 
 
+def make_task(task: str, model, opt, dev: torch.device, sample_steps: int, sampler_fn, cfg_cls):  # noqa: ANN001, ANN201
+    """A zero-argument callable running one rep of ``task`` on ``model`` (inputs fixed by seeds)."""
+    if task.startswith("train"):
+        batch = synthetic_batch(int(task[5:]), seed=1).to(dev)
+        x0 = torch.randn_like(batch.x)
+
+        def step() -> None:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            model.training_loss(batch, x0, generator=torch.Generator().manual_seed(0)).total.backward()
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+            opt.step()
+
+        return step
+    if task == "fwd100":
+        batch = synthetic_batch(100, seed=2).to(dev)
+        t = torch.full((100,), 0.5, device=dev)
+
+        def fwd() -> None:
+            model.eval()
+            with torch.no_grad():
+                model.predict(batch.x, batch.a, batch.c, batch.e, t, batch.graph, apply_softmax=True, remove_com=True)
+
+        return fwd
+    if task == "sample100":
+        sizes = synthetic_batch(100, seed=3).n_atoms
+        cfg = cfg_cls(steps=sample_steps, stochasticity=10.0, hc_thresh=0.0)
+
+        def sample() -> None:
+            model.eval()
+            sampler_fn(model, sizes, cfg, generator=torch.Generator().manual_seed(0), device=dev)
+
+        return sample
+    raise ValueError(f"unknown task {task!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["small", "paper"], default="small")
@@ -77,6 +127,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tasks", default="train32,train128,fwd100,sample100")
     ap.add_argument("--sample-steps", type=int, default=100)
+    ap.add_argument("--no-compare", action="store_true", help="skip today's code (commit aac49eb)")
+    ap.add_argument("--compile", action="store_true", help="also time the new network under torch.compile")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,51 +136,73 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = FlowMol(config_for(args.config)).to(dev)
-    print(f"config {args.config}: {model.n_parameters():,} parameters on {dev} ({args.threads} CPU threads)")
+    load = os.getloadavg()
+    print(f"config {args.config}: {model.n_parameters():,} parameters on {dev} ({args.threads} CPU threads, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
+    variants: dict[str, tuple] = {}
     opt = torch.optim.Adam(model.parameters(), lr=2.5e-4, weight_decay=1e-12)
+    variants["new"] = (model, opt, sample_batch, SamplerConfig)
+    if not args.no_compare:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _baseline import BASELINE_COMMIT, baseline_model, load_baseline
+
+        base = load_baseline()
+        old = baseline_model(model)
+        old_opt = torch.optim.Adam(old.parameters(), lr=2.5e-4, weight_decay=1e-12)
+        variants["today"] = (old, old_opt, base.sampler.sample_batch, base.sampler.SamplerConfig)
+        print(f"today = commit {BASELINE_COMMIT} (bench/_baseline.py), same initial weights, interleaved reps")
+    if args.compile:
+        import copy
+
+        cmodel = copy.deepcopy(model)
+        cmodel.vector_field.set_compile(True)
+        copt = torch.optim.Adam(cmodel.parameters(), lr=2.5e-4, weight_decay=1e-12)
+        variants["compiled"] = (cmodel, copt, sample_batch, SamplerConfig)
     results = {}
     for task in args.tasks.split(","):
-        if task.startswith("train"):
-            batch = synthetic_batch(int(task[5:]), seed=1).to(dev)
-            x0 = torch.randn_like(batch.x)
-
-            def step(batch=batch, x0=x0) -> None:
-                model.train()
-                opt.zero_grad(set_to_none=True)
-                model.training_loss(batch, x0).total.backward()
-                torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-                opt.step()
-
-            times = timed(step, args.reps, sync)
-        elif task == "fwd100":
-            batch = synthetic_batch(100, seed=2).to(dev)
-            t = torch.full((100,), 0.5, device=dev)
-            model.eval()
-
-            def fwd(batch=batch, t=t) -> None:
-                with torch.no_grad():
-                    model.predict(batch.x, batch.a, batch.c, batch.e, t, batch.graph, apply_softmax=True,
-                                  remove_com=True)
-
-            times = timed(fwd, args.reps, sync)
-        elif task == "sample100":
-            sizes = synthetic_batch(100, seed=3).n_atoms
-            cfg = SamplerConfig(steps=args.sample_steps, stochasticity=10.0, hc_thresh=0.0)
-            model.eval()
-            times = timed(lambda sizes=sizes, cfg=cfg: sample_batch(model, sizes, cfg, device=dev),
-                          max(1, args.reps // 2), sync)
-            if args.sample_steps != 100:
-                times = [t * 100 / args.sample_steps for t in times]  # scale to 100 steps
-        else:
-            raise ValueError(f"unknown task {task!r}")
-        med = statistics.median(times)
-        base = BASELINE.get((args.config, task))
-        ref = None if base is None else (base[0] if args.threads >= 2 else base[1])
-        ratio = "" if ref is None or dev.type != "cpu" else f"  official/ours = {ref / med:.2f}x (official {ref:.2f} s)"
-        print(f"{task:10s} median {med:.3f} s (min {min(times):.3f}, max {max(times):.3f}){ratio}")
-        results[task] = {"median_s": med, "min_s": min(times), "max_s": max(times), "official_s": ref}
+        fns = {k: make_task(task, m, o, dev, args.sample_steps, sf, cc) for k, (m, o, sf, cc) in variants.items()}
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for k, fn in fns.items():  # warm-up (and compile)
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if k == "compiled":
+                print(f"  {task}: compiled warm-up {time.perf_counter() - t0:.1f} s")
+        reps = max(1, args.reps // 2) if task == "sample100" else args.reps
+        for _ in range(reps):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[k].append(time.perf_counter() - t0)
+        scale = 100 / args.sample_steps if task == "sample100" else 1.0
+        med = {k: statistics.median(v) * scale for k, v in times.items()}
+        base_ref = BASELINE.get((args.config, task))
+        ref = None if base_ref is None else (base_ref[0] if args.threads >= 2 else base_ref[1])
+        lo, hi = min(times["new"]) * scale, max(times["new"]) * scale
+        line = f"{task:10s} new {med['new']:.3f} s (min {lo:.3f}, max {hi:.3f})"
+        row = {"median_s": med["new"], "min_s": lo, "max_s": hi, "official_s": ref}
+        if "today" in med:
+            sp = med["today"] / med["new"]
+            line += f" | today {med['today']:.3f} s, today/new {sp:.2f}x"
+            row.update(today_s=med["today"], today_over_new=sp)
+            if task in OFFICIAL_OVER_TODAY and args.config == "small" and dev.type == "cpu":
+                off = OFFICIAL_OVER_TODAY[task] * sp
+                line += (f" | official/new {off:.2f}x (= issue-16 side-by-side official/today "
+                         f"{OFFICIAL_OVER_TODAY[task]:.2f}x × today/new)")
+                row["official_over_new_via_issue16"] = off
+        if "compiled" in med:
+            line += f" | compiled {med['compiled']:.3f} s"
+            if "today" in med:
+                line += f", today/compiled {med['today'] / med['compiled']:.2f}x"
+            row["compiled_s"] = med["compiled"]
+        if ref is not None and dev.type == "cpu":
+            line += f" | recorded official table {ref:.2f} s: official/new {ref / med['new']:.2f}x"
+        print(line)
+        results[task] = row
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"peak RSS {rss:.2f} GB")
+    load = os.getloadavg()
+    print(f"peak RSS {rss:.2f} GB; load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if dev.type == "cuda":
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB ({torch.cuda.get_device_name(0)})")
     if args.json:

@@ -166,6 +166,10 @@ class FlowMol(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def set_compile(self, enabled: bool = True) -> None:
+        """Opt in to ``torch.compile`` for the network (see :meth:`VectorField.set_compile`); kept by deepcopy."""
+        self.vector_field.set_compile(enabled)
+
 
 def _remove_com(x: Tensor, graph: Graph) -> Tensor:
     return remove_com(x, graph.node_graph, graph.num_graphs)

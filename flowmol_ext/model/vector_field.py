@@ -8,6 +8,7 @@ state_dict maps by identity (``vector_field.scalar_embedding.0.weight``, ``conv_
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,9 @@ class EdgeUpdate(nn.Module):
         return self.edge_norm(e + out)
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VectorField -> its torch.compile'd network
+
+
 def _mlp_ln(n_in: int, n_hidden: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(n_in, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden), nn.SiLU(), nn.LayerNorm(n_hidden)
@@ -132,6 +136,21 @@ class VectorField(nn.Module):
             return None  # official v2.0 quirk: updater 0 never runs
         return conv_idx // cpu if self.cfg.separate_mol_updaters else 0
 
+    def set_compile(self, enabled: bool = True) -> None:
+        """Run the network through ``torch.compile`` (inductor, dynamic shapes) from the next call on.
+
+        Opt-in: the first call per grad mode / device compiles (minutes on a small CPU; cached on disk by
+        inductor afterwards), later calls are faster (issue 16: ~1.8× for the small model's forward
+        on CPU). Results equal the eager network up to float rounding. ``trace`` calls stay eager.
+        """
+        self._compile_enabled = bool(enabled)
+        _COMPILED.pop(self, None)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`set_compile` is on."""
+        return bool(getattr(self, "_compile_enabled", False))
+
     def forward(
         self,
         x_t: Tensor,
@@ -148,6 +167,24 @@ class VectorField(nn.Module):
         one-hots (or probabilities) including the mask column; t (B,) per-molecule time.
         ``trace``, if given, receives intermediate tensors (for debugging against the official code).
         """
+        if trace is None and self.compiled:
+            compiled = _COMPILED.get(self)
+            if compiled is None:  # per instance, outside the module's state (deepcopy/pickle keep the flag only)
+                compiled = _COMPILED[self] = torch.compile(self._forward_impl, dynamic=True)
+            return compiled(x_t, a_t, c_t, e_t, t, graph)
+        return self._forward_impl(x_t, a_t, c_t, e_t, t, graph, trace)
+
+    def _forward_impl(
+        self,
+        x_t: Tensor,
+        a_t: Tensor,
+        c_t: Tensor,
+        e_t: Tensor,
+        t: Tensor,
+        graph: Graph,
+        trace: dict[str, Tensor] | None = None,
+    ) -> VectorFieldOutput:
+        """The network (eager); see :meth:`forward`."""
         cfg = self.cfg
         dtype = x_t.dtype
         s_in = torch.cat((a_t.to(dtype), t.to(dtype)[graph.node_graph].unsqueeze(-1), c_t.to(dtype)), dim=-1)
