@@ -333,6 +333,7 @@ def data_dir_lock(data_dir: Path) -> Iterator[Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     lock_path = data_dir / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -342,10 +343,14 @@ def data_dir_lock(data_dir: Path) -> Iterator[Path]:
                              "for it to finish or use another --data-dir") from None
         info = (f"pid {os.getpid()} on {socket.gethostname()} since "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}")
+        locked = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         yield lock_path
     finally:
+        if locked and [p.name for p in data_dir.iterdir()] == [LOCK_FILE]:
+            # nothing was produced (bad input, interrupted before the commit): leave no trace
+            lock_path.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
 
 

@@ -47,6 +47,8 @@ def _start_pool_script(tmp_path: Path, tail: str) -> tuple[subprocess.Popen, lis
     assert line.startswith("WORKERS"), line + proc.stderr.read()
     pids = [int(p) for p in line.split()[1:]]
     assert pids and all(_alive(p) for p in pids)
+    if "READY" in tail:  # wait until the tail code (e.g. installing signal handlers) has run
+        assert proc.stdout.readline().startswith("READY")
     return proc, pids
 
 
@@ -76,6 +78,7 @@ def test_sigterm_with_handler_shuts_the_pool_down_and_exits_143(tmp_path: Path) 
     proc, pids = _start_pool_script(tmp_path, """
         from flowmol_ext import signals
         signals.install()
+        print("READY", flush=True)
         try:
             with reward:
                 time.sleep(300)
