@@ -258,7 +258,7 @@ class FinetuneJob:
         solver = LightningAMSolver(cfg.am, cfg.lr, log_dir=self.run_dir / "stages",
                                    accelerator="gpu" if self.device.type == "cuda" else "cpu")
         store = _JobStore(self.run_dir, self.flow)
-        if store.last_finished() > 0:
+        if 0 < store.last_finished() < cfg.K:
             self._restore_kde_reference()
         res: FDCResult = run_outer_loop(
             self.flow, self.objective, K=cfg.K, eta=eta, solver=solver, steps_per_iter=cfg.am_steps_per_iteration,

@@ -184,3 +184,29 @@ def test_evaluation_uses_common_random_numbers(tmp_path: Path) -> None:
     assert torch.equal(traj0.x1, traj1.x1)
     assert row1["paired_delta"] == 0.0 and row1["n_paired"] == row1["n"] - 0 and row1["composition_tv"] == 0.0
     assert "sde_sq_beta" in row1 and row1["sde_n"] == row1["n"]
+
+
+class _CountingReward(CompactnessReward):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, molecules: list, with_grad: bool = True) -> RewardResult:
+        self.calls += 1
+        return super().__call__(molecules, with_grad)
+
+
+def test_finished_run_is_not_rerun_and_run_dir_spelling_does_not_matter(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Re-running a finished finetune scores nothing again; a relative and an absolute run_dir are one run."""
+    from fdc_mol.commands.finetune import run_finetune
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    first = _job(Path("rel"), K=1, am_steps_per_iteration=1)
+    run_finetune(first.cfg, print_table=False, model=tiny_model(), reward=CompactnessReward())
+    counting = _CountingReward()
+    again = _job(tmp_path / "rel", K=1, am_steps_per_iteration=1)  # the same directory, spelled absolute
+    rows = run_finetune(again.cfg, print_table=False, model=tiny_model(), reward=counting)
+    assert counting.calls == 0 and [r["iteration"] for r in rows] == [0, 1]
+    other = _job(tmp_path / "rel", K=1, am_steps_per_iteration=2)
+    with pytest.raises(ValueError, match="different config"):
+        run_finetune(other.cfg, print_table=False, model=tiny_model(), reward=counting)
