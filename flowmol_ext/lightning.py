@@ -24,6 +24,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pydantic import Field, field_validator
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
 from flowmol_ext.batch import MolBatch
@@ -327,6 +328,19 @@ def _remove_stale_checkpoints(ckpt_dir: Path, keep: set[Path]) -> None:
             log.info("removed stale checkpoint %s", path)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every other output: temporary file in the same folder,
+    fsync, rename (:func:`flowmol_ext.io_utils.atomic_torch_save`). A full disk raises ``OSError``
+    and leaves the previous ``last.ckpt`` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        from flowmol_ext.io_utils import atomic_torch_save
+
+        atomic_torch_save(checkpoint, Path(path))
+
+
 class StopOnSignal(pl.Callback):
     """At the batch boundary after SIGTERM/SIGINT (see :func:`flowmol_ext.signals.deferred`): save
     ``last.ckpt`` (atomically) and raise :class:`~flowmol_ext.signals.Interrupted`."""
@@ -458,6 +472,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
         val_check_interval=tc.val_every_n_steps, check_val_every_n_epoch=None,
         limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
         logger=loggers, callbacks=callbacks, num_sanity_val_steps=0, enable_progress_bar=True,
+        plugins=[AtomicCheckpointIO()],
     )
     import warnings
 

@@ -162,3 +162,32 @@ def test_resume_through_another_spelling_of_the_run_dir(data_dir: Path, tmp_path
     assert load_model_dir(run / "model_last").metadata["global_step"] == 5
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["run_dir"] == str(run)
     assert yaml.safe_load(saved)["train"]["max_steps"] == 3
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_last_ckpt(data_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import flowmol_ext.io_utils as io_utils
+
+    real_save = torch.save
+    calls = {"last": 0}
+
+    def save(obj: object, path: object) -> None:  # the disk fills up during the 2nd write of last.ckpt
+        if ".last.ckpt." in str(path):
+            calls["last"] += 1
+            if calls["last"] == 2:
+                Path(path).write_bytes(b"PK\x03\x04 partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(io_utils.torch, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(_cfg(data_dir, run, 9, val_every_n_steps=1000))
+    monkeypatch.setattr(io_utils.torch, "save", real_save)
+    ckpts = run / "checkpoints"
+    assert not list(ckpts.glob(".*.tmp"))  # no temporary file left
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    pretrain(_cfg(data_dir, run, 6, val_every_n_steps=1000), resume=True)  # and the run resumes from it
+    assert load_model_dir(run / "model_last").metadata["global_step"] == 6
