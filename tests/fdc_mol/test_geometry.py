@@ -80,3 +80,12 @@ def test_evaluate_geometry_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     pytest.importorskip("posebusters")
     assert metrics["posebusters"]["sanitization"] == 1.0 and "all_checks" in metrics["posebusters"]
     assert "PoseBusters pass rates" in printed
+
+
+def test_process_pool_gives_the_serial_results() -> None:
+    mols = _qm9(3, noise_A=0.03)
+    serial = relax_molecules(mols, workers=1, chunk_size=1)
+    pooled = relax_molecules(mols, workers=2, chunk_size=1)
+    for a, b in zip(serial, pooled):
+        assert a.reason == b.reason == ""
+        assert abs(a.energy_relaxed - b.energy_relaxed) < 1e-9 and np.allclose(a.x_relaxed, b.x_relaxed, atol=1e-8)
