@@ -100,8 +100,7 @@ class LocalPool(ProcessPoolExecutor):
     def unguarded_main(self) -> bool:
         """True if a worker exited because the main script has no ``__main__`` guard."""
         for p in self._all_processes:
-            p.join(timeout=2.0)
-            if p.exitcode == UNGUARDED_MAIN_EXIT:
+            if not p.is_alive() and p.exitcode == UNGUARDED_MAIN_EXIT:  # is_alive() reaps a dead child
                 return True
         return False
 
