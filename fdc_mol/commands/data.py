@@ -34,9 +34,11 @@ def run(args: argparse.Namespace) -> int:
 
     from fdc_mol.runlog import start_run
     from flowmol_ext.data.qm9 import format_summary, process_qm9
+    from flowmol_ext.io_utils import check_writable_dir
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    check_writable_dir(Path(args.data_dir), "--data-dir")  # before downloading and processing
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     start_run("data qm9", seed=args.split_seed, config=config, device="cpu")
     report = process_qm9(

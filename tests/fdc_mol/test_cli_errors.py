@@ -134,3 +134,19 @@ def test_data_qm9_header_only_csv(capsys: pytest.CaptureFixture, tmp_path: Path)
                         str(tmp_path / "out"), "--workers", "1", "--no-progress")
     assert code == 2
     _one_line_error(err, str(csv), "no molecules")
+
+
+def test_data_qm9_read_only_data_dir_is_refused_first(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        target = ro if not os.access(ro, os.W_OK) else Path("/proc")  # root ignores permission bits
+        code, _, err = _run(capsys, "data", "qm9", "--source", "csv", "--path", str(tmp_path / "missing.csv"),
+                            "--data-dir", str(target / "qm9"), "--workers", "1", "--no-progress")
+    finally:
+        ro.chmod(0o755)
+    assert code == 2
+    _one_line_error(err, "--data-dir", "cannot write")  # before the missing input is even looked at
