@@ -148,6 +148,13 @@ def test_signal_exits_128_plus_signum_after_saving_a_checkpoint(data_dir: Path, 
                               str(step + 2)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert load_model_dir(run / "model_last").metadata["global_step"] == step + 2
+    # ... and equals a run that was never interrupted (bit for bit on CPU)
+    straight = tmp_path / "straight"
+    pretrain(_cfg(data_dir, straight, step + 2, checkpoint_every_n_steps=2, val_every_n_steps=1000))
+    a, b = _weights(straight), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    ma, mb = load_model_dir(straight / "model_last").state_dict(), load_model_dir(run / "model_last").state_dict()
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)  # the final (EMA) weights at step + 2
 
 
 def test_resume_through_another_spelling_of_the_run_dir(data_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
