@@ -472,7 +472,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
         val_check_interval=tc.val_every_n_steps, check_val_every_n_epoch=None,
         limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
         logger=loggers, callbacks=callbacks, num_sanity_val_steps=0, enable_progress_bar=True,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,  # EpochSampler shards over ranks itself
     )
     import warnings
 

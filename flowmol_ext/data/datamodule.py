@@ -52,14 +52,21 @@ def mix_seed(*parts: int) -> int:
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, noise_seed)`` items: a shuffled (or sequential) order per epoch.
+    """Yields ``(index, noise_seed)`` items: a shuffled (or sequential) order per epoch, sharded over
+    ``world`` ranks (this rank takes positions ``rank, rank + world, ...`` of the epoch's order,
+    padded by wrapping around to equal lengths, as ``DistributedSampler`` does).
 
     ``set_epoch`` (called by Lightning each epoch) picks the epoch; :meth:`resume_at` makes the next
-    iteration skip the first ``n_items`` items of that epoch (a resumed run).
+    iteration skip the first ``n_items`` items of this rank's share of that epoch (a resumed run).
+    The noise seed depends on (seed, epoch, position in the epoch's order), not on the rank count's
+    sharding, and padded duplicates get their own noise.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside 0..{world - 1}")
         self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
+        self.rank, self.world = int(rank), int(world)
         self.epoch = 0
         self._skip = 0
 
@@ -71,18 +78,21 @@ class EpochSampler(Sampler):
         self._skip = max(0, int(n_items))
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world) if self.n else 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        if not self.n:
+            return
         if self.shuffle:
             gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1))
             order = torch.randperm(self.n, generator=gen).tolist()
         else:
             order = list(range(self.n))
+        positions = range(self.rank, len(self) * self.world, self.world)
         skip, self._skip = self._skip, 0
-        for pos in range(skip, self.n):
-            i = order[pos]
-            yield i, (mix_seed(self.seed, self.epoch, pos, 2) if self.shuffle else mix_seed(self.seed, i, 3))
+        for pos in positions[skip:]:
+            i = order[pos % self.n]
+            yield i, (mix_seed(self.seed, self.epoch, pos, 2) if self.shuffle else mix_seed(self.seed, pos, 3))
 
 
 class ResumableLoader(DataLoader):
@@ -145,8 +155,11 @@ class QM9DataModule(pl.LightningDataModule):
                                                self.cfg.max_val_molecules)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> ResumableLoader:
+        # Sharded over ranks here (the Trainer runs with use_distributed_sampler=False).
+        trainer = getattr(self, "trainer", None)
+        rank, world = (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
         return ResumableLoader(
-            ds, batch_size=self.cfg.batch_size, sampler=EpochSampler(len(ds), self.seed, shuffle),
+            ds, batch_size=self.cfg.batch_size, sampler=EpochSampler(len(ds), self.seed, shuffle, rank, world),
             num_workers=self.cfg.num_workers, collate_fn=collate_with_prior,
             persistent_workers=self.cfg.num_workers > 0,
         )
