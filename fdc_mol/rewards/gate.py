@@ -36,39 +36,10 @@ def spin_uhf(spec: MolSpec, settings: RewardSettings) -> tuple[int, str]:
 
 
 def spec_to_rdkit(spec: MolSpec, sanitize: bool):  # noqa: ANN201 - returns Chem.Mol
-    """RDKit molecule (explicit H, no implicit H, formal charges, Kekulé bonds, 3D conformer in Å).
+    """RDKit molecule of a numpy spec: :func:`flowmol_ext.rdkit_build.build_rdkit` (torch-free, for workers)."""
+    from flowmol_ext.rdkit_build import build_rdkit
 
-    Same construction as :func:`flowmol_ext.chem.to_rdkit`, but from plain numpy arrays so that
-    worker processes need no torch. Raises ``ValueError`` on a bad bond and RDKit errors on sanitising.
-    """
-    from rdkit import Chem
-
-    bond_type = {1: Chem.BondType.SINGLE, 2: Chem.BondType.DOUBLE, 3: Chem.BondType.TRIPLE}
-    rw = Chem.RWMol()
-    for zi, qi in zip(spec.z.tolist(), spec.charges.tolist()):
-        atom = Chem.Atom(int(zi))
-        atom.SetFormalCharge(int(qi))
-        atom.SetNoImplicit(True)
-        rw.AddAtom(atom)
-    n = spec.n_atoms
-    for i, j, order in spec.bonds.tolist():
-        if not (0 <= i < n and 0 <= j < n) or i == j:
-            raise ValueError(f"bond ({i}, {j}) refers to atoms outside 0..{n - 1} or is a self-bond")
-        if order == 0:
-            continue
-        if order not in bond_type:
-            raise ValueError(f"bond ({i}, {j}): unknown bond order {order}")
-        if rw.GetBondBetweenAtoms(int(i), int(j)) is not None:
-            raise ValueError(f"bond ({i}, {j}) is listed twice")
-        rw.AddBond(int(i), int(j), bond_type[order])
-    conf = Chem.Conformer(n)
-    conf.SetPositions(np.ascontiguousarray(spec.x, dtype=np.float64))
-    conf.Set3D(True)
-    mol = rw.GetMol()
-    mol.AddConformer(conf, assignId=True)
-    if sanitize:
-        Chem.SanitizeMol(mol)
-    return mol
+    return build_rdkit(spec.z.tolist(), spec.charges.tolist(), spec.bonds, spec.x, sanitize=sanitize)
 
 
 def _n_fragments(n: int, bonds: np.ndarray) -> int:

@@ -211,3 +211,31 @@ def test_batch_to_rdkit_matches_each_molecule() -> None:
         Chem.SanitizeMol(m)
         assert Chem.MolToSmiles(Chem.RemoveHs(m), isomericSmiles=False) == ref_smiles(s)
         assert m.GetConformer().Is3D()
+
+
+def test_one_rdkit_builder_for_tensors_and_reward_specs() -> None:
+    """to_rdkit (tensors) and the reward gate's spec_to_rdkit (numpy, torch-free) give the same molecule and
+    the same errors: both are adapters of flowmol_ext.rdkit_build.build_rdkit."""
+    import numpy as np
+    import pytest
+    import torch
+    from rdkit import Chem
+
+    from fdc_mol.rewards.base import spec_from_molecule
+    from fdc_mol.rewards.gate import spec_to_rdkit
+    from flowmol_ext.batch import Molecule
+    from flowmol_ext.chem import to_rdkit
+
+    # methanol with explicit hydrogens
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.43, 0.0, 0.0], [-0.36, 1.03, 0.0], [-0.36, -0.51, 0.89],
+                      [-0.36, -0.51, -0.89], [1.75, 0.9, 0.0]])
+    a = torch.tensor([0, 3, 1, 1, 1, 1])
+    bonds = torch.tensor([[0, 1, 1], [0, 2, 1], [0, 3, 1], [0, 4, 1], [1, 5, 1]])
+    m = Molecule(x=x, a=a, c=torch.full((6,), 2), bonds=bonds)
+    r1, r2 = to_rdkit(m, sanitize=True), spec_to_rdkit(spec_from_molecule(m), sanitize=True)
+    assert Chem.MolToSmiles(r1) == Chem.MolToSmiles(r2) and Chem.MolToSmiles(Chem.RemoveHs(r1)) == "CO"
+    np.testing.assert_allclose(r1.GetConformer().GetPositions(), r2.GetConformer().GetPositions())
+    dup = Molecule(x=x, a=a, c=torch.full((6,), 2), bonds=torch.cat([bonds, bonds[:1]]))
+    for build in (lambda: to_rdkit(dup), lambda: spec_to_rdkit(spec_from_molecule(dup), sanitize=False)):
+        with pytest.raises(ValueError, match=r"bond \(0, 1\) is listed twice"):
+            build()
