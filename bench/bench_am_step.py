@@ -86,10 +86,11 @@ def am_step_parts(fine: Any, base: Any, am: Any, *, n_traj: int, steps: int, see
                    "adj_1": float(adj[1].norm()), "n_loss_steps": int(idx.numel())}
 
 
-def ode_eval(flow: Any, n: int, steps: int, seed: int) -> float:
+def ode_eval(flow: Any, n: int, steps: int, seed: int, scale_to: int | None = None) -> float:
+    """Seconds for one Euler-ODE evaluation of n molecules over ``steps`` steps (scaled to ``scale_to`` steps)."""
     gen = torch.Generator().manual_seed(seed)
     t, _ = _timed(lambda: flow.sample(n, steps, memoryless=False, record=False, generator=gen))
-    return t
+    return t * (scale_to / steps if scale_to else 1.0)
 
 
 def profile_parts(fine: Any, base: Any, steps: int, n_traj: int, top: int) -> None:
@@ -117,6 +118,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=256)
     ap.add_argument("--eval-steps", type=int, default=100)
+    ap.add_argument("--eval-measure-steps", type=int, default=None,
+                    help="run the ODE evaluation for this many steps and scale the time to --eval-steps (the ODE "
+                         "step costs the same at every step: same graph, one network call)")
     ap.add_argument("--reps", type=int, default=1, help="interleaved old/new repetitions per thread count")
     ap.add_argument("--parts", default="am,eval", help="am, eval (comma-separated)")
     ap.add_argument("--baseline-loss-chunk", type=int, default=8,
@@ -156,42 +160,52 @@ def main() -> None:
         torch.set_num_threads(threads)
         for part in args.parts.split(","):
             if part == "am":
-                olds: dict[str, list[float]] = {}
-                news: dict[str, list[float]] = {}
+                times: dict[str, dict[str, list[float]]] = {"today": {}, **{v: {} for v in variants}}
                 for rep in range(args.reps):
                     seed = args.seed + rep
                     o, o_info = am_step_parts(old_fine, old_base, base_mods.am, n_traj=args.n_traj, steps=args.steps,
                                               seed=seed, loss_chunk=chunk)
-                    n, n_info = am_step_parts(new_fine, new_base, am_new, n_traj=args.n_traj, steps=args.steps,
-                                              seed=seed)
                     for k in o:
-                        olds.setdefault(k, []).append(o[k])
-                        news.setdefault(k, []).append(n[k])
-                    print(f"  [{threads} thr, rep {rep}] today: " + " ".join(f"{k} {v:.1f}s" for k, v in o.items())
-                          + " | new: " + " ".join(f"{k} {v:.1f}s" for k, v in n.items()))
-                    print(f"    same seed, today vs new: loss {o_info['loss']:.6g} vs {n_info['loss']:.6g}, "
-                          f"|grad| {o_info['grad_norm']:.6g} vs {n_info['grad_norm']:.6g}, "
-                          f"|adj_1| {o_info['adj_1']:.6g} vs {n_info['adj_1']:.6g} "
-                          f"({n_info['n_loss_steps']} loss timesteps)")
-                for k in olds:
-                    rows.append((f"AM {args.n_traj}x{args.steps} {k}", threads, "", olds[k], news[k]))
+                        times["today"].setdefault(k, []).append(o[k])
+                    line = f"  [{threads} thr, rep {rep}] today: " + " ".join(f"{k} {v:.1f}s" for k, v in o.items())
+                    for name, (fine, base, am) in variants.items():
+                        n, n_info = am_step_parts(fine, base, am, n_traj=args.n_traj, steps=args.steps, seed=seed)
+                        for k in n:
+                            times[name].setdefault(k, []).append(n[k])
+                        line += f" | {name}: " + " ".join(f"{k} {v:.1f}s" for k, v in n.items())
+                        print(f"    same seed, today vs {name}: loss {o_info['loss']:.6g} vs {n_info['loss']:.6g}, "
+                              f"|grad| {o_info['grad_norm']:.6g} vs {n_info['grad_norm']:.6g}, "
+                              f"|adj_1| {o_info['adj_1']:.6g} vs {n_info['adj_1']:.6g} "
+                              f"({n_info['n_loss_steps']} loss timesteps)")
+                    print(line, flush=True)
+                for k in times["today"]:
+                    rows.append((f"AM {args.n_traj}x{args.steps} {k}", threads, times["today"][k],
+                                 {v: times[v][k] for v in variants}))
             elif part == "eval":
-                o_t, n_t = [], []
+                o_t: list[float] = []
+                n_t: dict[str, list[float]] = {v: [] for v in variants}
                 for rep in range(args.reps):
-                    o_t.append(ode_eval(old_fine, args.eval_n, args.eval_steps, args.seed + rep))
-                    n_t.append(ode_eval(new_fine, args.eval_n, args.eval_steps, args.seed + rep))
-                rows.append((f"ODE eval {args.eval_n}x{args.eval_steps}", threads, "", o_t, n_t))
+                    ms = args.eval_measure_steps or args.eval_steps
+                    o_t.append(ode_eval(old_fine, args.eval_n, ms, args.seed + rep, args.eval_steps))
+                    for name, (fine, _, _) in variants.items():
+                        n_t[name].append(ode_eval(fine, args.eval_n, ms, args.seed + rep, args.eval_steps))
+                print(f"  [{threads} thr] ODE eval today {o_t[-1]:.1f}s | "
+                      + " | ".join(f"{k} {v[-1]:.1f}s" for k, v in n_t.items()), flush=True)
+                label = f"ODE eval {args.eval_n}x{args.eval_steps}"
+                if args.eval_measure_steps:
+                    label += f" (meas. {args.eval_measure_steps})"
+                rows.append((label, threads, o_t, n_t))
             else:
                 raise ValueError(f"unknown part {part!r}")
     load = os.getloadavg()
     print(f"\nload average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other processes share the CPUs)")
-    head = f"{'part':30s} {'thr':>3s} {'today (s)':>10s}"
+    head = f"{'part':34s} {'thr':>3s} {'today (s)':>10s}"
     for v in variants:
         head += f" {v + ' (s)':>14s} {'today/' + v:>16s}"
     print(head)
     for name, threads, o, ns in rows:
         mo = statistics.median(o)
-        line = f"{name:30s} {threads:3d} {mo:10.2f}"
+        line = f"{name:34s} {threads:3d} {mo:10.2f}"
         for v in variants:
             mn = statistics.median(ns[v])
             line += f" {mn:14.2f} {mo / mn:15.2f}x"
