@@ -54,11 +54,15 @@ def test_corrected_reward_is_raw_plus_references_with_the_same_gradient() -> Non
 def test_training_gate_is_bond_aware_and_evaluation_stays_strict() -> None:
     """An O–H bond squeezed to 0.85 Å fails the strict 0.9 Å gate but passes 0.75 x (r_O + r_H) = 0.73 Å;
     two carbons at 1.0 Å fail both (0.75 x 1.52 = 1.14 Å)."""
-    rows = [r for r in qm9_rows(40) if "O" in r[0] and "H" in r[0] and r[0].count("C") >= 2]
+    def has_oh(els: list[str], xyz: np.ndarray) -> bool:
+        return any(e == "O" and any(f == "H" and np.linalg.norm(xyz[i] - xyz[j]) < 1.1 for j, f in enumerate(els))
+                   for i, e in enumerate(els))
+
+    rows = [r for r in qm9_rows(60) if has_oh(r[0], r[1]) and r[0].count("C") >= 2]
     els, xyz, _ = rows[0]
     m = molecule_from_xyz(els, xyz)
-    o = els.index("O")
-    h = min((i for i, e in enumerate(els) if e == "H"), key=lambda i: np.linalg.norm(xyz[i] - xyz[o]))
+    o, h = min(((i, j) for i, e in enumerate(els) if e == "O" for j, f in enumerate(els) if f == "H"),
+               key=lambda p: np.linalg.norm(xyz[p[0]] - xyz[p[1]]))
     x = xyz.copy()
     u = (x[h] - x[o]) / np.linalg.norm(x[h] - x[o])
     x[h] = x[o] + 0.85 * u
