@@ -193,7 +193,7 @@ class FinetuneJob:
                 "sq_beta_hi": sq_ci.high,
                 "q_beta": float(np.sort(rf)[max(0, math.ceil(beta * rf.size) - 1)]) if rf.size else math.nan,
                 "cvar": cvar(r, 1.0 - beta),
-                "mean_energy_per_atom": float((-np.asarray(res.energy)[ok] / n_at[ok]).mean()) if ok.any() else
+                "mean_energy_per_atom": float((np.asarray(res.energy)[ok] / n_at[ok]).mean()) if ok.any() else
                 math.nan,
                 "validity": met["validity"], "reward_fail_rate": float(1 - ok.mean()),
                 "molecule_stability": met["molecule_stability"], "atom_stability": met["atom_stability"],
