@@ -184,6 +184,13 @@ def test_evaluation_uses_common_random_numbers(tmp_path: Path) -> None:
     assert torch.equal(traj0.x1, traj1.x1)
     assert row1["paired_delta"] == 0.0 and row1["n_paired"] == row1["n"] - 0 and row1["composition_tv"] == 0.0
     assert "sde_sq_beta" in row1 and row1["sde_n"] == row1["n"]
+    from fdc_mol.molecular.reward_oracle import molecules_of
+
+    mols = molecules_of(traj1)
+    res = CompactnessReward()(mols, with_grad=False)
+    per_atom = np.asarray(res.energy) / np.array([m.n_atoms for m in mols])  # E/n in the reward's energy unit
+    assert row1["mean_energy_per_atom"] == pytest.approx(float(per_atom.mean()))
+    assert row1["sq_beta"] == pytest.approx(superquantile(np.asarray(res.value), 0.75))
 
 
 class _CountingReward(CompactnessReward):
