@@ -272,28 +272,44 @@ def _read_checkpoint_step(path: Path) -> int:
     return int(ckpt["global_step"])
 
 
-def find_resume_checkpoint(ckpt_dir: Path) -> tuple[Path, int]:
+def find_resume_checkpoint(ckpt_dir: Path) -> tuple[Path, int, list[Path]]:
     """The checkpoint to resume from: ``last.ckpt``, or the newest intact ``step*.ckpt`` when it is
-    missing, truncated or corrupt (logged). Returns (path, global step). Raises ``FileNotFoundError``
-    naming the folder when no intact checkpoint is there."""
+    missing, truncated or corrupt (logged). Returns (path, global step, the corrupt files seen).
+    Raises ``FileNotFoundError`` naming the folder when no intact checkpoint is there."""
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / "last.ckpt"
     candidates = ([last] if last.is_file() else []) + sorted(ckpt_dir.glob("step*.ckpt"), key=_ckpt_step,
                                                              reverse=True)
-    problems = []
+    problems: list[str] = []
+    corrupt: list[Path] = []
     for path in candidates:
         try:
             step = _read_checkpoint_step(path)
         except ValueError as err:
             log.warning("%s; trying an older checkpoint", err)
             problems.append(str(err))
+            corrupt.append(path)
             continue
         if path != last:
             why = "is truncated or corrupt" if last.is_file() else "is missing"
             log.warning("resuming from %s (step %d) because %s %s", path, step, last, why)
-        return path, step
+        return path, step, corrupt
     detail = f" ({'; '.join(problems)})" if problems else ""
     raise FileNotFoundError(f"cannot resume: no intact checkpoint (last.ckpt or step*.ckpt) in {ckpt_dir}{detail}")
+
+
+def _clear_after_resume_point(ckpt_dir: Path, step: int, corrupt: list[Path]) -> None:
+    """Before resuming at ``step``: move corrupt checkpoints aside (``*.corrupt``) and remove the
+    step/best checkpoints of later steps (the resumed run replays those steps), so Lightning writes
+    ``last.ckpt`` and the rest under their own names instead of ``last-v1.ckpt``."""
+    for path in corrupt:
+        aside = path.with_name(path.name + ".corrupt")
+        path.replace(aside)
+        log.warning("moved the corrupt checkpoint %s aside to %s", path, aside)
+    for path in list(ckpt_dir.glob("step*.ckpt")) + list(ckpt_dir.glob("best-*.ckpt")):
+        if _ckpt_step(path) > step:
+            path.unlink(missing_ok=True)
+            log.info("removed %s: a checkpoint of steps after the resume point (%d)", path, step)
 
 
 def _trim_replayed_logs(log_root: Path, from_step: int) -> None:
@@ -364,22 +380,6 @@ class StopOnSignal(pl.Callback):
         raise signals.Interrupted(sig)
 
 
-class ResumeData(pl.Callback):
-    """On a resumed run, make the train loader skip the batches of the current epoch already trained."""
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        n_batches = trainer.num_training_batches
-        step = int(trainer.global_step)
-        if not step or not n_batches or n_batches == float("inf"):
-            return
-        done = step - int(trainer.current_epoch) * int(n_batches)
-        if 0 < done < n_batches:
-            loader = trainer.train_dataloader
-            if hasattr(loader, "resume_at"):
-                loader.resume_at(done)
-                log.info("resuming epoch %d after its first %d batches", trainer.current_epoch, done)
-
-
 def check_pretrain_config(cfg: PretrainConfig) -> None:
     """Checks that need the machine (not only the file): the accelerator exists, the data is there,
     the run directory can be written. Raises ``ValueError`` naming the key; run before any output."""
@@ -424,7 +424,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
     check_pretrain_config(cfg)
     resume_from: Path | None = None
     if resume:
-        resume_from, resume_step = find_resume_checkpoint(ckpt_dir)
+        resume_from, resume_step, corrupt = find_resume_checkpoint(ckpt_dir)
     elif last_ckpt.is_file() or any(ckpt_dir.glob("step*.ckpt")):
         raise ValueError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, "
                          "or choose another train.run_dir")
@@ -454,6 +454,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
     dm = QM9DataModule(cfg.data, seed=tc.seed)
     log_root = run_dir / "logs"
     if resume_from is not None:
+        _clear_after_resume_point(ckpt_dir, resume_step, corrupt)
         _trim_replayed_logs(log_root, resume_step)
     version = _next_log_version(log_root)
     loggers: list[Any] = [CSVLogger(str(run_dir), name="logs", version=version)]
@@ -464,7 +465,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
     best_ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step:07d}-val{val/loss:.4f}",
                                 monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False)
     exporter = ExportModelDir(str(run_dir), snapshot_every_n_steps)
-    callbacks = [StopOnSignal(last_ckpt), ResumeData(), step_ckpt, best_ckpt, exporter]
+    callbacks = [StopOnSignal(last_ckpt), step_ckpt, best_ckpt, exporter]
     trainer = pl.Trainer(
         default_root_dir=str(run_dir), max_steps=tc.max_steps, max_epochs=tc.max_epochs, max_time=tc.max_time,
         accelerator=tc.accelerator, devices=tc.devices, strategy=tc.strategy, precision=tc.precision,
@@ -476,7 +477,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
     )
     import warnings
 
-    # Our loader resumes mid-epoch through ResumeData (not Lightning's state_dict protocol).
+    # Our loader resumes mid-epoch by itself (QM9DataModule.train_dataloader), not by Lightning's protocol.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
         with signals.deferred():

@@ -13,6 +13,7 @@ uninterrupted run sees.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from flowmol_ext.batch import MolBatch, Molecule
 from flowmol_ext.config import StrictModel
 from flowmol_ext.data.store import MoleculeStore, load_split
 from flowmol_ext.model.interpolants import ot_align_prior
+
+log = logging.getLogger(__name__)
 
 
 class DataConfig(StrictModel):
@@ -95,6 +98,17 @@ class EpochSampler(Sampler):
             yield i, (mix_seed(self.seed, self.epoch, pos, 2) if self.shuffle else mix_seed(self.seed, pos, 3))
 
 
+def _loader_worker_init(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process (which stops at a batch boundary
+    and shuts them down); a signal sent to the whole process group (Ctrl-C, SLURM) must not kill a
+    worker first and turn a clean stop into a 'worker exited unexpectedly' error. Workers still exit
+    with a dead main process (PyTorch's parent watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader over an :class:`EpochSampler`; ``resume_at(batches)`` skips trained batches."""
 
@@ -161,11 +175,25 @@ class QM9DataModule(pl.LightningDataModule):
         return ResumableLoader(
             ds, batch_size=self.cfg.batch_size, sampler=EpochSampler(len(ds), self.seed, shuffle, rank, world),
             num_workers=self.cfg.num_workers, collate_fn=collate_with_prior,
-            persistent_workers=self.cfg.num_workers > 0,
+            persistent_workers=self.cfg.num_workers > 0, worker_init_fn=_loader_worker_init,
         )
 
     def train_dataloader(self) -> ResumableLoader:
-        return self._loader(self.train_set, shuffle=True)
+        loader = self._loader(self.train_set, shuffle=True)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # Lightning creates (and, with worker processes, starts) the iterator before any epoch hook:
+            # the epoch, and on a resumed run the batches of it already trained, are set here.
+            # Every epoch has len(loader) batches (one optimizer step each), so global step s lies in
+            # epoch s // n after s % n of its batches (a checkpoint at an epoch's last batch resumes
+            # at the start of the next epoch, as Lightning does).
+            step, n_batches = int(trainer.global_step), len(loader)
+            epoch, done = divmod(step, n_batches) if n_batches else (0, 0)
+            loader.sampler.set_epoch(epoch)
+            if done:
+                loader.resume_at(done)
+                log.info("resuming epoch %d after its first %d batches", epoch, done)
+        return loader
 
     def val_dataloader(self) -> ResumableLoader:
         # FlowMol v2.0 validated on the *train* set by mistake; we use the val split.

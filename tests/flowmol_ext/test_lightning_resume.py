@@ -66,19 +66,29 @@ def _train_steps(run: Path, column: str = "train/loss") -> list[int]:
     return steps
 
 
+@pytest.mark.parametrize(("workers", "every"), [(0, 3), (1, 3), (1, 4)])
 def test_resume_after_a_kill_with_a_truncated_last_ckpt_equals_the_uninterrupted_run(
-        data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int, every: int) -> None:
+    # every=3: the surviving step checkpoint (6) is mid-epoch; every=4: at an epoch boundary (4 of 4 batches)
+    def cfg(run: Path, steps: int) -> PretrainConfig:
+        d = _cfg_dict(data_dir, run, steps, checkpoint_every_n_steps=every)
+        d["data"]["num_workers"] = workers  # worker processes start the epoch's iterator early
+        return validate_config(PretrainConfig, d)
+
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    pretrain(_cfg(data_dir, straight, 10))
-    pretrain(_cfg(data_dir, killed, 8))  # a run that got further than its step checkpoint ...
+    pretrain(cfg(straight, 10))
+    killed_at = 8 if every == 3 else 7
+    pretrain(cfg(killed, killed_at))  # a run that got further than its step checkpoint ...
     ckpts = killed / "checkpoints"
-    assert (ckpts / "step0000006.ckpt").is_file()
+    survivor = f"step{killed_at // every * every:07d}.ckpt"
+    assert (ckpts / survivor).is_file()
     data = (ckpts / "last.ckpt").read_bytes()
     (ckpts / "last.ckpt").write_bytes(data[: len(data) // 2])  # ... and died writing last.ckpt (full disk)
     shutil.copy(next(ckpts.glob("best-*.ckpt")), ckpts / "best-step0000008-val0.0001.ckpt")  # a best of lost steps
     with caplog.at_level(logging.WARNING):
-        pretrain(_cfg(data_dir, killed, 10), resume=True)
-    assert any("step0000006.ckpt" in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
+        pretrain(cfg(killed, 10), resume=True)
+    assert any(survivor in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
+    assert (ckpts / "last.ckpt.corrupt").is_file()  # set aside, named in the log, not overwritten blindly
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
@@ -122,21 +132,27 @@ def test_gpu_without_gpu_and_read_only_run_dir_fail_before_any_output(data_dir: 
 
 def _cli_pretrain(cfg_path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fdc_mol.cli", "pretrain", "-c", str(cfg_path), *extra],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group (killpg reaches only the run)
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("sig", "code", "workers"), [(signal.SIGTERM, 143, 0), (signal.SIGINT, 130, 0),
+                                                     (signal.SIGTERM, 143, 1)])
 def test_signal_exits_128_plus_signum_after_saving_a_checkpoint(data_dir: Path, tmp_path: Path, sig: int,
-                                                                code: int) -> None:
+                                                                code: int, workers: int) -> None:
     run = tmp_path / "run"
     cfg = _cfg_dict(data_dir, run, 100_000, checkpoint_every_n_steps=2, val_every_n_steps=1000)
+    cfg["data"]["num_workers"] = workers
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = _cli_pretrain(tmp_path / "c.yaml")
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "step0000002.ckpt").is_file():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
-    proc.send_signal(sig)
+    if workers:  # as SLURM / Ctrl-C do: the whole process group, DataLoader workers included
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "Traceback" not in err
@@ -150,7 +166,9 @@ def test_signal_exits_128_plus_signum_after_saving_a_checkpoint(data_dir: Path, 
     assert load_model_dir(run / "model_last").metadata["global_step"] == step + 2
     # ... and equals a run that was never interrupted (bit for bit on CPU)
     straight = tmp_path / "straight"
-    pretrain(_cfg(data_dir, straight, step + 2, checkpoint_every_n_steps=2, val_every_n_steps=1000))
+    straight_cfg = _cfg_dict(data_dir, straight, step + 2, checkpoint_every_n_steps=2, val_every_n_steps=1000)
+    straight_cfg["data"]["num_workers"] = workers
+    pretrain(validate_config(PretrainConfig, straight_cfg))
     a, b = _weights(straight), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
     ma, mb = load_model_dir(straight / "model_last").state_dict(), load_model_dir(run / "model_last").state_dict()
