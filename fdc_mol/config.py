@@ -76,7 +76,8 @@ class RewardConfig(StrictModel):
     grad_clip_per_atom: clip each atom's ∇r to this norm (Eh/Å) before the utility (null = off).
     train_min_distance_scale: the reward gate during fine-tuning rejects atom pairs closer than this
     fraction of the sum of their covalent radii (bond-aware clash gate; null = the strict evaluation gate,
-    0.9 Å for every pair). Evaluation always uses the strict gate.
+    0.9 Å for every pair); train_require_connected / train_allow_radicals relax the training gate further
+    (xTB scores fragments and open shells). Evaluation always uses the strict gate.
     """
 
     level: Literal["gfn1", "gfn2", "mmff94"] = "gfn1"
@@ -87,6 +88,8 @@ class RewardConfig(StrictModel):
     cache_dir: str | None = None
     grad_clip_per_atom: float | None = Field(None, gt=0)
     train_min_distance_scale: float | None = Field(None, gt=0, lt=1.5)
+    train_require_connected: bool = Field(True, description="training gate: reject disconnected molecules")
+    train_allow_radicals: bool = Field(False, description="training gate: score open shells (UHF) too")
 
     @model_validator(mode="before")
     @classmethod
@@ -134,6 +137,10 @@ class FinetuneConfig(StrictModel):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    fit_sampler: Literal["am", "evaluation"] = Field(
+        "am", description="samples that fit the utility (quantiles): 'am' = n_fit fresh trajectories of the "
+        "process AM fine-tunes (memoryless SDE, am.steps, training gate), so the tail threshold is that of the "
+        "terminal states AM sees; 'evaluation' = the primary evaluation sample of the previous iteration")
     data_dir: str | None = Field("data/qm9", description="processed QM9 for novelty (skipped when absent)")
     write_sdf: bool = True
 

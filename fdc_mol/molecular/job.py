@@ -239,8 +239,18 @@ class FinetuneJob:
         write_sdf(self.run_dir / "samples" / f"iteration_{k:03d}.sdf", mols, props)
 
     def fit_context(self, base: FlowModel, pre: FlowModel, k: int, payload: Any) -> FitContext:
-        """The fit sample at p_{k−1}: the primary evaluation sample of iteration k − 1 and its rewards."""
-        if payload is None:
+        """The fit sample at p_{k−1}: ``fit_sampler: am`` draws n_fit terminal states of the process AM trains
+        (memoryless SDE on am.steps) and scores them with the training reward; ``evaluation`` reuses the
+        primary evaluation sample of iteration k − 1 and its rewards."""
+        if self.cfg.fit_sampler == "am":
+            gen = torch.Generator(device=self.device).manual_seed(stage_seed(self.cfg.seed, k) + 2)
+            traj = base.sample(self.cfg.n_fit, self.cfg.am.steps, memoryless=True, record=False, generator=gen)
+            res = self.train_reward(molecules_of(traj), with_grad=False)
+            r = torch.as_tensor(np.asarray(res.value, dtype=np.float64), dtype=torch.float32)
+            log.info("fit sample of iteration %d (SDE, %d steps): %d of %d scored", k - 1, self.cfg.am.steps,
+                     int(torch.isfinite(r).sum()), r.numel())
+            payload = (traj, r)
+        elif payload is None:
             _, payload = self.evaluate(base, k - 1)
         traj, r = payload
         if int(torch.isfinite(r).sum()) < 2:

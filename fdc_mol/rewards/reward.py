@@ -173,9 +173,16 @@ class _TrainingGated:
     """An energy reward with a training gate: ``for_training()`` gives the same reward (same executor) with
     the bond-aware clash gate; calling it evaluates with the strict gate."""
 
-    def __init__(self, strict: EnergyReward, train_scale: float | None) -> None:
+    def __init__(self, strict: EnergyReward, train_scale: float | None, require_connected: bool = True,
+                 allow_radicals: bool = False) -> None:
         self.strict = strict
-        self.train_scale = train_scale
+        self.train_update: dict[str, Any] = {}
+        if train_scale is not None:
+            self.train_update["min_distance_scale"] = train_scale
+        if not require_connected:
+            self.train_update["require_connected"] = False
+        if allow_radicals:
+            self.train_update["allow_radicals"] = True
         self.settings = strict.settings
         self._train: EnergyReward | None = None
 
@@ -187,10 +194,10 @@ class _TrainingGated:
         return self.strict(molecules, with_grad=with_grad)
 
     def for_training(self) -> EnergyReward:
-        if self.train_scale is None:
+        if not self.train_update:
             return self.strict
         if self._train is None:
-            st = self.strict.settings.model_copy(update={"min_distance_scale": self.train_scale})
+            st = self.strict.settings.model_copy(update=self.train_update)
             self._train = EnergyReward(st, executor=self.strict.executor)
         return self._train
 
@@ -207,7 +214,8 @@ def make_molecular_reward(cfg: Any) -> Any:
     """
     base = make_reward(cfg.level, engine=cfg.engine, executor=cfg.executor, cache_dir=cfg.cache_dir,
                        timeout_s=cfg.timeout_s)
-    reward: Any = _TrainingGated(base, cfg.train_min_distance_scale)
+    reward: Any = _TrainingGated(base, cfg.train_min_distance_scale, cfg.train_require_connected,
+                                 cfg.train_allow_radicals)
     if cfg.kind == "composition_corrected":
         from fdc_mol.rewards.composition import CompositionCorrectedReward, load_element_references
 
