@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e ".[dev,dask]"
+	$(BIN)/python -m pip install -e ".[dev,dask,geometry]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -43,7 +43,12 @@ def run_finetune(cfg, *, print_table: bool = True, model: Any = None, reward: An
     from fdc_mol.runlog import start_run
     from flowmol_ext.config import dump_config
 
+    from flowmol_ext.config import check_device
+    from flowmol_ext.io_utils import check_writable_dir
+
     run_dir = Path(cfg.run_dir)
+    check_device(cfg.device, "device")  # before any output: no run directory for an impossible device
+    check_writable_dir(run_dir, "run_dir")
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = yaml.safe_load(saved.read_text())
