@@ -41,9 +41,7 @@ def run_finetune(cfg, *, print_table: bool = True, model: Any = None, reward: An
 
     from fdc_mol.molecular.job import FinetuneJob
     from fdc_mol.runlog import start_run
-    from flowmol_ext.config import dump_config
-
-    from flowmol_ext.config import check_device
+    from flowmol_ext.config import check_device, dump_config
     from flowmol_ext.io_utils import check_writable_dir
 
     run_dir = Path(cfg.run_dir)
