@@ -222,3 +222,67 @@ def read_sdf(path: str | Path) -> list[tuple[Chem.Mol | None, str | None]]:
     if not out:
         raise ValueError(f"{path}: no SDF records found")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Snapshot-sample files (learning curves): molecules sampled from the snapshots of a pretraining run
+# ---------------------------------------------------------------------------------------------------
+#
+# Format "fdc-mol/snapshot-samples/1": a torch file (``torch.save``, loadable with weights_only=True) holding
+#   {"format": str, "n": int, "steps": int (integration steps), "device": str,
+#    "records": [{"snapshot": str (step_XXXXXXX | model_last), "global_step": int | None,
+#                 "wall_time_s": float | None (training time of the snapshot), "sample_seconds": float,
+#                 "seed": int, "molecules": [{"x": float32 (n, 3) Å, "a": int8 (n,) atom type over
+#                 [C, H, N, O, F], "c": int8 (n,) charge index (= charge + 2), "bonds": int16 (k, 3)
+#                 rows [i, j, order]}]}]}
+# Files of the same run sampled in several processes (other seeds) are pooled per snapshot on reading.
+
+SNAPSHOT_FORMAT = "fdc-mol/snapshot-samples/1"
+
+
+def encode_molecule(m: Molecule) -> dict[str, Any]:
+    """One molecule as compact tensors of the snapshot-sample format."""
+    import torch
+
+    return {"x": m.x, "a": m.a.to(torch.int8), "c": m.c.to(torch.int8), "bonds": m.bonds.to(torch.int16)}
+
+
+def decode_molecules(record: dict[str, Any]) -> list[Molecule]:
+    """The molecules of one record of a snapshot-sample file."""
+    return [Molecule(x=m["x"], a=m["a"].long(), c=m["c"].long(), bonds=m["bonds"].long()) for m in record["molecules"]]
+
+
+def save_snapshot_samples(path: str | Path, records: list[dict[str, Any]], *, n: int, steps: int,
+                          device: str) -> None:
+    """Write a snapshot-sample file atomically (records as documented above, molecules already encoded)."""
+    from flowmol_ext.io_utils import atomic_torch_save
+
+    atomic_torch_save({"format": SNAPSHOT_FORMAT, "n": n, "steps": steps, "device": device, "records": records},
+                      Path(path))
+
+
+def load_snapshot_samples(files: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Records of one or more snapshot-sample files, pooled per snapshot and sorted by training step.
+
+    Raises ValueError naming the file when two files disagree on a snapshot's step or a file is not one."""
+    import torch
+
+    merged: dict[str, dict[str, Any]] = {}
+    for f in files:
+        try:
+            blob = torch.load(f, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - one line naming the file
+            raise ValueError(f"{f}: not a snapshot-sample file ({type(err).__name__}: {err})") from err
+        if not isinstance(blob, dict) or "records" not in blob:
+            raise ValueError(f"{f}: not a snapshot-sample file (no 'records')")
+        for rec in blob["records"]:
+            rec = {**rec, "steps": blob["steps"], "device": blob["device"]}
+            key = rec["snapshot"]
+            if key not in merged:
+                merged[key] = rec
+                continue
+            if merged[key]["global_step"] != rec["global_step"]:
+                raise ValueError(f"{f}: snapshot {key} is step {rec['global_step']}, another file has step "
+                                 f"{merged[key]['global_step']}")
+            merged[key]["molecules"] = merged[key]["molecules"] + rec["molecules"]
+    return sorted(merged.values(), key=lambda r: r["global_step"] or 0)

@@ -3,6 +3,7 @@ reference energies; and nothing of the top-level examples is a copy of them."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_ships_configs_model_and_references(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    had_build = (ROOT / "build").exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    finally:
+        if not had_build:  # the in-tree build leaves build/ behind
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     (wheel,) = tmp_path.glob("fdc_mol-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for cfg in sorted((ROOT / "fdc_mol" / "configs").glob("*.yaml")):

@@ -1,11 +1,11 @@
 """Learning curve of a pretraining run: sample metrics per snapshot against training time.
 
-Reads the file written by ``bench/sample_snapshots.py`` (molecules sampled from each snapshot),
+Reads the file written by ``tools/sample_snapshots.py`` (molecules sampled from each snapshot),
 computes atom/molecule stability, validity, uniqueness and novelty with flowmol_ext.metrics, and
 writes a CSV and a PNG (metrics against wall-clock training time, so the cost of each point shows).
 
-    python bench/learning_curve.py snapshot_samples.pt --data-dir data/qm9 --out-prefix docs/qm9_small_curve
-    python bench/learning_curve.py cpu_a.pt cpu_b.pt --hardware "2-core CPU" --batch-size 64 \
+    python tools/learning_curve.py snapshot_samples.pt --data-dir data/qm9 --out-prefix docs/qm9_small_curve
+    python tools/learning_curve.py cpu_a.pt cpu_b.pt --hardware "2-core CPU" --batch-size 64 \
         --step-offset 2867 --prior docs/qm9_small_learning_curve_gpu.csv --out-prefix docs/qm9_small_curve_cpu
 """
 
@@ -16,8 +16,7 @@ import csv
 import math
 from pathlib import Path
 
-from sample_snapshots import decode_molecules, load_records  # bench/ is on sys.path when run as a script
-
+from fdc_mol.io import decode_molecules, load_snapshot_samples
 from flowmol_ext.data.store import load_train_smiles
 from flowmol_ext.metrics import evaluate_molecules
 
@@ -26,7 +25,7 @@ KEYS = ("atom_stability", "molecule_stability", "validity", "connectivity", "uni
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("samples", type=Path, nargs="+", help="files of bench/sample_snapshots.py (pooled per snapshot)")
+    ap.add_argument("samples", type=Path, nargs="+", help="files of tools/sample_snapshots.py (pooled per snapshot)")
     ap.add_argument("--data-dir", default="data/qm9")
     ap.add_argument("--out-prefix", type=Path, required=True)
     ap.add_argument("--hardware", default="1x H200", help="what trained the run, for the plot's axis label")
@@ -39,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     train = load_train_smiles(args.data_dir)
     rows = []
-    for rec in load_records(args.samples):
+    for rec in load_snapshot_samples(args.samples):
         mols = decode_molecules(rec)
         met = evaluate_molecules(mols, train_smiles=train, train_smiles_canonical=True)
         row = {"snapshot": rec["snapshot"], "global_step": rec["global_step"],

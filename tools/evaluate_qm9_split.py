@@ -1,7 +1,7 @@
 """Write a processed QM9 split as SDF and score it with ``fdc-mol evaluate`` (the metric sanity check:
 real molecules must come out ≥ 99 % valid and stable, otherwise the metric is wrong).
 
-    python bench/evaluate_qm9_split.py --split test --out runs/qm9_test.sdf
+    python tools/evaluate_qm9_split.py --split test --out runs/qm9_test.sdf
 """
 
 from __future__ import annotations

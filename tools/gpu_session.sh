@@ -3,7 +3,7 @@
 # loss and sampler tests on cuda), measures the paper-size and small networks, then trains the
 # shipped small network for TRAIN_SECONDS and samples every snapshot for the learning curve.
 # Needs: the repo, .gpu/qm9 (train/val shards + stats + manifest), .whl (pydantic wheels for py3.12).
-# Locally (CPU smoke test):  OUT=/tmp/gpu_out ACCEL=cpu TRAIN_SECONDS=20 DATA=data/qm9 bash bench/gpu_session.sh
+# Locally (CPU smoke test):  OUT=/tmp/gpu_out ACCEL=cpu TRAIN_SECONDS=20 DATA=data/qm9 bash tools/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 ACCEL=${ACCEL:-gpu}
@@ -53,5 +53,5 @@ cp /tmp/gpu_run/checkpoints/last.ckpt "$OUT/last.ckpt"
 cp /tmp/gpu_run/logs/v0/metrics.csv "$OUT/metrics.csv"
 
 echo "== 4. sample 1000 molecules x 100 steps from each snapshot"
-$PY bench/sample_snapshots.py /tmp/gpu_run "$OUT/snapshot_samples.pt" --n 1000 --steps 100 --device "$DEV" --max-snapshots 6
+$PY tools/sample_snapshots.py /tmp/gpu_run "$OUT/snapshot_samples.pt" --n 1000 --steps 100 --device "$DEV" --max-snapshots 6
 date; ls -la "$OUT" "$OUT/model"

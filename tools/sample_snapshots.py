@@ -1,9 +1,10 @@
 """Sample molecules from every model snapshot of a pretraining run, for the learning curve.
 
-Runs where the model trained (a GPU box without RDKit is fine): it only writes tensors. The
-metrics (stability, validity, ...) are computed afterwards with ``bench/learning_curve.py``.
+Runs where the model trained (a GPU box without RDKit is fine): it only writes tensors, in the
+snapshot-sample format documented in :mod:`fdc_mol.io`. The
+metrics (stability, validity, ...) are computed afterwards with ``tools/learning_curve.py``.
 
-    python bench/sample_snapshots.py RUN_DIR OUT.pt --n 1000 --steps 100
+    python tools/sample_snapshots.py RUN_DIR OUT.pt --n 1000 --steps 100
 
 On a CPU, split the work over processes (one thread each) with ``--only`` and ``--seed``, e.g.
 ``--only step_0001000 model_last --seed 1``; the metric scripts merge several output files.
@@ -17,38 +18,9 @@ from pathlib import Path
 
 import torch
 
-from flowmol_ext.batch import Molecule
-from flowmol_ext.io_utils import atomic_torch_save
+from fdc_mol.io import encode_molecule, save_snapshot_samples
 from flowmol_ext.model.sampler import SamplerConfig, sample_molecules
 from flowmol_ext.pretrained import load_model_dir
-
-
-def encode_molecule(m: Molecule) -> dict[str, torch.Tensor]:
-    return {"x": m.x, "a": m.a.to(torch.int8), "c": m.c.to(torch.int8), "bonds": m.bonds.to(torch.int16)}
-
-
-def decode_molecules(record: dict) -> list[Molecule]:
-    """The molecules of one record of a file written by this script."""
-    return [Molecule(x=m["x"], a=m["a"].long(), c=m["c"].long(), bonds=m["bonds"].long()) for m in record["molecules"]]
-
-
-def load_records(files: list[Path]) -> list[dict]:
-    """Records of one or more files written by this script; records of the same snapshot (other seeds,
-    other processes) are pooled. Sorted by training step."""
-    merged: dict[str, dict] = {}
-    for f in files:
-        blob = torch.load(f, weights_only=True)
-        for rec in blob["records"]:
-            rec = {**rec, "steps": blob["steps"], "device": blob["device"]}
-            key = rec["snapshot"]
-            if key not in merged:
-                merged[key] = rec
-                continue
-            if merged[key]["global_step"] != rec["global_step"]:
-                raise SystemExit(f"{f}: snapshot {key} is step {rec['global_step']}, "
-                                 f"another file has step {merged[key]['global_step']}")
-            merged[key]["molecules"] = merged[key]["molecules"] + rec["molecules"]
-    return sorted(merged.values(), key=lambda r: r["global_step"] or 0)
 
 
 def main() -> None:
@@ -89,7 +61,7 @@ def main() -> None:
             "molecules": [encode_molecule(m) for m in mols],
         })
         print(f"{d.name}: step {meta.get('global_step')} sampled {len(mols)} molecules in {dt:.1f} s", flush=True)
-    atomic_torch_save({"n": args.n, "steps": args.steps, "device": args.device, "records": records}, args.out)
+    save_snapshot_samples(args.out, records, n=args.n, steps=args.steps, device=args.device)
 
 
 if __name__ == "__main__":

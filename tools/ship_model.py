@@ -3,7 +3,7 @@
 Appends one entry to the ``history`` list of the metadata (the previous shipped model's history is kept
 when the run started from it), so the model directory says how it was trained. Refuses weights over 10 MB.
 
-    python bench/ship_model.py runs/cpu_ema/model_last qm9_small \\
+    python tools/ship_model.py runs/cpu_ema/model_last qm9_small \\
         --entry '{"config": "configs/flowmol_qm9_small.yaml", "init_from": "qm9_small", "hardware": "2-core CPU"}'
 """
 
