@@ -25,7 +25,9 @@ from flowmol_ext.model.config import ModelConfig
 from flowmol_ext.model.flow import FlowMol
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained_models"
-REGISTRY: dict[str, Path] = {"qm9_small": PRETRAINED_DIR / "qm9_small"}
+# qm9_small: the default, trained with the independent coupling (a base for adjoint matching); qm9_small_ot: the
+# earlier model trained with OT-aligned noise (its memoryless SDE is off-distribution; ODE sampling only).
+REGISTRY: dict[str, Path] = {"qm9_small": PRETRAINED_DIR / "qm9_small", "qm9_small_ot": PRETRAINED_DIR / "qm9_small_ot"}
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.pt"
 FORMAT = "fdc-mol/flowmol-model-dir/1"

@@ -93,3 +93,13 @@ def test_fdc_base_config_uses_independent_coupling() -> None:
     root = Path(__file__).resolve().parents[3]
     cfg = yaml.safe_load((root / "fdc_mol" / "configs" / "flowmol_qm9_small_indep.yaml").read_text())
     assert cfg["data"]["ot_align"] is False
+
+
+def test_default_model_was_trained_with_the_independent_coupling() -> None:
+    """The default model (what demo, finetune and the tests use) records the independent coupling; the OT-aligned
+    predecessor stays loadable under its own name."""
+    from flowmol_ext import load_pretrained
+
+    last = load_pretrained("qm9_small").metadata["history"][-1]
+    assert last["coupling"] == "independent" and last["ot_align"] is False
+    assert load_pretrained("qm9_small_ot").metadata.get("history")  # still loadable, with its own history
