@@ -76,6 +76,8 @@ class ToyConfig(StrictModel):
                                    "weight logits (else only the residual MLP)")
     n_ll: int = Field(0, ge=0, description="entropy: samples for the likelihood-ODE NLL entropy and KL (0 = off)")
     ll_steps: int = Field(400, ge=10, description="entropy: Euler steps of the likelihood ODE")
+    am_final_frac: float = Field(0.25, ge=0, le=1, description="AM loss: share of the grid at the data end always used")
+    am_random_frac: float = Field(0.25, ge=0, le=1, description="AM loss: share of the remaining grid drawn at random")
     baseline: bool = Field(True, description="also run the plain-AM baseline on the same number of AM steps")
 
 
@@ -265,7 +267,8 @@ def _objectives(cfg: ToyConfig) -> tuple[Objective, Objective, int, float]:
 def run_setting(cfg: ToyConfig, seed: int, run_dir: Any = None) -> dict[str, Any]:
     """Run pre-trained / AM / FDC for one seed; returns metrics per method and the eval samples (n, 2)."""
     land = landscape(cfg.setting)
-    am_cfg = AMConfig(n_traj=cfg.n_traj, steps=cfg.steps, lct=cfg.lct)
+    am_cfg = AMConfig(n_traj=cfg.n_traj, steps=cfg.steps, lct=cfg.lct, final_frac=cfg.am_final_frac,
+                      random_frac=cfg.am_random_frac)
     fdc_obj, am_obj, am_K, am_eta = _objectives(cfg)
     total = cfg.K * cfg.steps_per_iter
     out: dict[str, Any] = {"metrics": {}, "samples": {}, "seconds": {}}
