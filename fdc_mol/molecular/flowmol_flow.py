@@ -116,6 +116,26 @@ class FlowMolFlow(nn.Module):
                                   apply_softmax=False, remove_com=True)
         return (pred.x1 - x) / max(1.0 - tt, 1e-6)
 
+    @torch.no_grad()
+    def replay_positions(self, ref: Trajectory) -> Tensor:
+        """Final positions (N, 3) Å of this model's Euler ODE along the recorded discrete states of ``ref``.
+
+        Starts from ref's initial positions and, at step k, evaluates this network with ref's atom types, charges
+        and bonds of step k: the molecules (graphs) are those of ``ref``, only the geometry is this model's. For
+        the model that sampled ``ref`` with the ODE it reproduces ref.x1 (float rounding). Used to compare a
+        fine-tuned model with its base on identical molecules (positions-only fine-tuning moves geometry; the
+        CTMC jumps that follow new positions change most graphs and would otherwise mask it)."""
+        if ref.xs is None or ref.discrete is None:
+            raise ValueError("replay_positions needs a recorded trajectory (sample with record=True)")
+        was_training = self.model.training
+        self.model.eval()
+        x = ref.xs[0]
+        for k in range(ref.steps):
+            t, dt = float(ref.times[k]), float(ref.times[k + 1] - ref.times[k])
+            x = x + dt * self.velocity(x, t, k, ref)
+        self.model.train(was_training)
+        return x
+
     def project(self, v: Tensor, traj: Trajectory | None) -> Tensor:
         if traj is None:
             raise ValueError("project needs the trajectory (its molecule grouping)")

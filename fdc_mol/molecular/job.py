@@ -47,6 +47,7 @@ log = logging.getLogger("fdc_mol.finetune")
 
 METRIC_KEYS = ("iteration", "n", "mean_reward", "mean_reward_lo", "mean_reward_hi", "sq_beta", "sq_beta_lo",
                "sq_beta_hi", "q_beta", "cvar", "paired_delta", "paired_delta_lo", "paired_delta_hi", "n_paired",
+               "fixed_graph_delta", "fixed_graph_delta_lo", "fixed_graph_delta_hi", "n_fixed_graph",
                "mean_energy_per_atom", "validity", "reward_fail_rate", "molecule_stability", "atom_stability",
                "uniqueness", "novelty", "composition_tv", "kde_logp_pre", "mean_n_atoms", "seconds")
 
@@ -138,6 +139,8 @@ class FinetuneJob:
         self.eval_seed = stage_seed(cfg.seed, 10**6)
         self.reference: dict[str, dict[str, np.ndarray]] = {}
         self.kde_pre: MoleculeKDE | None = None
+        self.ref_traj: Trajectory | None = None  # iteration 0's recorded ODE trajectory (fixed-graph comparison)
+        self.ref_rewards: np.ndarray | None = None
         terms = [(cfg.novelty_kde_weight, ConformerNovelty())] if cfg.novelty_kde_weight > 0 else []
         self.objective = Objective(make_utility(cfg), terms=terms)
 
@@ -156,9 +159,9 @@ class FinetuneJob:
     def _arrays_path(self, k: int, sampler: str) -> Path:
         return self.run_dir / "samples" / f"iteration_{k:03d}_{sampler}.npz"
 
-    def _sample(self, flow: FlowMolFlow, sampler: str) -> Trajectory:
+    def _sample(self, flow: FlowMolFlow, sampler: str, record: bool = False) -> Trajectory:
         gen = torch.Generator(device=self.device).manual_seed(self.eval_seed)
-        return flow.sample(self.cfg.n_fit, self.cfg.sample_steps, memoryless=sampler == "sde", record=False,
+        return flow.sample(self.cfg.n_fit, self.cfg.sample_steps, memoryless=sampler == "sde", record=record,
                            generator=gen, sizes=self.eval_sizes)
 
     def evaluate(self, flow: FlowModel, k: int) -> tuple[dict[str, Any], Any]:
@@ -170,7 +173,7 @@ class FinetuneJob:
         payload = None
         for si, sampler in enumerate(cfg.evaluation.samplers):
             t0 = time.time()
-            traj = self._sample(flow, sampler)
+            traj = self._sample(flow, sampler, record=k == 0 and si == 0 and sampler == "ode")
             mols = molecules_of(traj)
             res = self.reward(mols, with_grad=False)
             r = np.asarray(res.value, dtype=np.float64)
@@ -208,6 +211,8 @@ class FinetuneJob:
                 vals.update({"paired_delta": d.value, "paired_delta_lo": d.low, "paired_delta_hi": d.high,
                              "n_paired": d.n, "graph_unchanged": float(same.mean()),
                              "composition_tv": float(0.5 * np.abs(fk - f0).sum())})
+            if si == 0 and sampler == "ode":
+                vals.update(self._fixed_graph_delta(flow, traj, r, k))
             if si == 0:
                 vals["kde_logp_pre"] = self._kde_logp_pre(traj, k)
                 payload = (traj, torch.as_tensor(r, dtype=torch.float32))
@@ -218,6 +223,24 @@ class FinetuneJob:
             row.update({f"{prefix}{a}": b for a, b in vals.items()})
         log.info("iteration %d: %s", k, ", ".join(f"{a}={b:.4g}" for a, b in row.items() if isinstance(b, float)))
         return row, payload
+
+    def _fixed_graph_delta(self, flow: FlowMolFlow, traj: Trajectory, r: np.ndarray, k: int) -> dict[str, float]:
+        """Paired Δr of the current model's geometry on iteration 0's molecules (same graphs, same start).
+
+        Iteration 0's ODE trajectory is recorded once (types, charges, bonds at every step); for k > 0 the current
+        model integrates positions along it (:meth:`FlowMolFlow.replay_positions`) and the same molecules are
+        scored again. Keys: fixed_graph_delta (Eh, mean over molecules finite in both) with its 95 % interval."""
+        if k == 0:
+            self.ref_traj, self.ref_rewards = traj, r  # sampled with record=True at iteration 0
+            return {"fixed_graph_delta": 0.0}
+        if self.ref_traj is None:
+            return {}
+        x = flow.replay_positions(self.ref_traj)
+        res = self.reward(molecules_of(self.ref_traj, x), with_grad=False)
+        d = paired_difference(np.asarray(res.value, np.float64), self.ref_rewards, None, self.cfg.evaluation.n_boot,
+                              seed=self.cfg.seed)
+        return {"fixed_graph_delta": d.value, "fixed_graph_delta_lo": d.low, "fixed_graph_delta_hi": d.high,
+                "n_fixed_graph": d.n}
 
     def _kde_logp_pre(self, traj: Trajectory, k: int) -> float:
         """Mean log p̂_pre of the conformer descriptors under a KDE fitted on iteration 0's samples (nats);
@@ -284,12 +307,17 @@ class FinetuneJob:
         return rows
 
     def _restore_kde_reference(self) -> None:
-        """On resume, refit the iteration-0 KDE on π_pre's evaluation sample (the same CRN draws as before)."""
+        """On resume, rebuild iteration 0's references from π_pre (the same CRN draws as before): the KDE of its
+        conformers and its recorded ODE trajectory with rewards (for the fixed-graph comparison)."""
         pre = self.flow.copy_frozen()
         pre.model.load_state_dict(self.pre_state)
-        traj = self._sample(pre, self.cfg.evaluation.samplers[0])
+        primary = self.cfg.evaluation.samplers[0]
+        traj = self._sample(pre, primary, record=primary == "ode")
         final = traj.context["final"]
         self.kde_pre = MoleculeKDE().fit(traj.x1, final.a, final.node_graph, traj.n)
+        if primary == "ode":
+            self.ref_traj = traj
+            self.ref_rewards = np.asarray(self.reward(molecules_of(traj), with_grad=False).value, np.float64)
 
     def _write_report(self, rows: list[dict[str, Any]]) -> None:
         from fdc_mol.report import plot_run

@@ -16,7 +16,7 @@ from fdc_mol.fdc.utilities import Fitted
 from fdc_mol.molecular.am_module import LightningAMSolver
 from fdc_mol.molecular.flowmol_flow import FlowMolFlow
 from fdc_mol.molecular.job import FinetuneJob
-from fdc_mol.molecular.reward_oracle import reward_oracle
+from fdc_mol.molecular.reward_oracle import molecules_of, reward_oracle
 from fdc_mol.molecular.statistics import paired_difference, superquantile
 from fdc_mol.rewards import RewardResult
 from flowmol_ext.config import ConfigError
@@ -153,7 +153,8 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path: Path) -> None:
     assert not (tmp_path / "killed" / "stages" / "stage_002").exists()
     resumed = _job(tmp_path / "killed").run()
     assert [r["iteration"] for r in full] == [0, 1, 2]
-    keys = ("mean_reward", "sq_beta", "validity", "molecule_stability", "mean_n_atoms", "sde_sq_beta", "kde_logp_pre")
+    keys = ("mean_reward", "sq_beta", "validity", "molecule_stability", "mean_n_atoms", "sde_sq_beta", "kde_logp_pre",
+            "fixed_graph_delta")
     for a, b in zip(full, resumed):
         for key in keys:
             assert a[key] == b[key] or (np.isnan(a[key]) and np.isnan(b[key])), (key, a[key], b[key])
@@ -217,3 +218,23 @@ def test_finished_run_is_not_rerun_and_run_dir_spelling_does_not_matter(tmp_path
     other = _job(tmp_path / "rel", K=1, am_steps_per_iteration=2)
     with pytest.raises(ValueError, match="different config"):
         run_finetune(other.cfg, print_table=False, model=tiny_model(), reward=counting)
+
+
+def test_replay_positions_reproduces_the_ode_and_fixed_graph_delta(tmp_path: Path) -> None:
+    """Replaying the base model along its own recorded ODE trajectory gives its final positions; after a weight
+    change the molecules stay the same (same graphs) and only the geometry moves."""
+    torch.set_num_threads(1)
+    flow = FlowMolFlow(tiny_model(), n_atoms=5)
+    traj = flow.sample(6, 8, memoryless=False, record=True, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(flow.replay_positions(traj), traj.x1, rtol=0, atol=1e-5)
+    job = _job(tmp_path / "fixed", evaluation={"samplers": ["ode"], "n_boot": 50})
+    row0, _ = job.evaluate(job.flow, 0)
+    assert row0["fixed_graph_delta"] == 0.0
+    with torch.no_grad():
+        for p in job.flow.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    row1, _ = job.evaluate(job.flow, 1)
+    x = job.flow.replay_positions(job.ref_traj)
+    r = np.asarray(CompactnessReward()(molecules_of(job.ref_traj, x)).value)
+    assert row1["fixed_graph_delta"] == pytest.approx(float(np.mean(r - job.ref_rewards)), rel=1e-6)
+    assert row1["n_fixed_graph"] == job.cfg.n_fit
