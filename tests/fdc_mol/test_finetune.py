@@ -238,3 +238,16 @@ def test_replay_positions_reproduces_the_ode_and_fixed_graph_delta(tmp_path: Pat
     r = np.asarray(CompactnessReward()(molecules_of(job.ref_traj, x)).value)
     assert row1["fixed_graph_delta"] == pytest.approx(float(np.mean(r - job.ref_rewards)), rel=1e-6)
     assert row1["n_fixed_graph"] == job.cfg.n_fit
+
+
+def test_paired_bootstrap_of_a_statistic() -> None:
+    from fdc_mol.molecular.statistics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=400)
+    shifted = base + 0.1  # the same molecules, every reward 0.1 higher: SQ moves by exactly 0.1
+    d = paired_bootstrap(shifted, base, lambda v: superquantile(v, 0.75), n_boot=200)
+    assert d.value == pytest.approx(0.1) and d.low == pytest.approx(0.1) and d.high == pytest.approx(0.1)
+    noisy = base + rng.normal(scale=0.5, size=400)
+    d = paired_bootstrap(noisy, base, np.mean, n_boot=300)
+    assert d.low < d.value < d.high and d.excludes(1.0) and not d.excludes(d.value)
