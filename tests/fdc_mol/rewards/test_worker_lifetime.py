@@ -86,7 +86,8 @@ def test_sigterm_with_handler_shuts_the_pool_down_and_exits_143(tmp_path: Path) 
             sys.exit(err.exit_code)
     """)
     os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=30) == 143
+    rc = proc.wait(timeout=30)
+    assert rc == 143, proc.stderr.read()[-3000:]
     left = _wait_gone(pids, timeout_s=3.0)
     for p in left:
         os.kill(p, signal.SIGKILL)
