@@ -10,8 +10,8 @@ import yaml
 
 from fdc_mol.cli import main
 
-TINY = {"seed": 0, "model": "qm9_small", "device": "cpu", "n_fit": 8, "sample_steps": 4, "n_atoms": 6,
-        "am": {"n_traj": 3, "steps": 4, "lct": None, "grad_clip_norm": 1.0}, "data_dir": None,
+TINY = {"seed": 0, "model": "qm9_small", "device": "cpu", "n_fit": 16, "sample_steps": 100, "n_atoms": None,
+        "am": {"n_traj": 3, "steps": 20, "lct": None, "grad_clip_norm": 1.0}, "data_dir": None,
         "utility": {"kind": "superquantile", "beta": 0.5}, "evaluation": {"samplers": ["ode"], "n_boot": 20},
         "reward": {"level": "gfn1", "executor": "serial", "kind": "composition_corrected",
                    "train_min_distance_scale": 0.5, "train_require_connected": False,
@@ -36,6 +36,8 @@ def test_compare_two_methods_one_seed(tmp_path: Path, capsys: pytest.CaptureFixt
     fixed = list(csv.DictReader(open(out / "fixed_graph.csv")))
     assert [(r["a"], r["b"]) for r in fixed] == [("tiny_fdc", "pre-trained"), ("tiny_am", "pre-trained"),
                                                  ("tiny_fdc", "tiny_am")]
+    assert all(int(r["n"]) == int(fixed[0]["n"]) for r in fixed)  # the same molecules in every comparison
+    assert 2 <= int(fixed[0]["n"]) <= 16
     for r in fixed:
         assert float(r["d_sq_lo"]) <= float(r["d_sq"]) <= float(r["d_sq_hi"])
-        assert int(r["n"]) <= 8
+        assert float(r["d_sq"]) == pytest.approx(float(r["sq_a"]) - float(r["sq_b"]))
