@@ -94,11 +94,17 @@ class LocalPool(ProcessPoolExecutor):
 
     def _spawn_process(self) -> None:
         super()._spawn_process()
+        # Under load the first workers can exit (unguarded main script) while later ones are still being
+        # spawned: remember that before dropping finished processes from the list.
+        self._saw_unguarded = getattr(self, "_saw_unguarded", False) or any(
+            p.exitcode == UNGUARDED_MAIN_EXIT for p in self._all_processes)
         self._all_processes = [p for p in self._all_processes if p.exitcode is None]
         self._all_processes.extend(p for p in self._processes.values() if p not in self._all_processes)
 
     def unguarded_main(self) -> bool:
         """True if a worker exited because the main script has no ``__main__`` guard."""
+        if getattr(self, "_saw_unguarded", False):
+            return True
         for p in self._all_processes:
             if not p.is_alive() and p.exitcode == UNGUARDED_MAIN_EXIT:  # is_alive() reaps a dead child
                 return True
