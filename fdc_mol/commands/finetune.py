@@ -81,15 +81,21 @@ def format_finetune_table(rows: list[dict[str, Any]], cfg: Any) -> str:
 
     sampler = cfg.evaluation.samplers[0]
     head = ["iteration", "E[r] (Eh) [95% CI]", f"SQ_β (β={cfg.utility.beta}) [95% CI]",
-            "paired Δr vs 0 [95% CI] (n)", "validity", "mol. stab.", "uniq.", "novelty", "comp. TV"]
+            "Δr, same molecules [95% CI] (n)", "Δr, unchanged graphs (n)", "validity", "mol. stab.", "uniq.",
+            "novelty", "comp. TV"]
     body = []
     for r in rows:
-        paired = "" if "paired_delta" not in r or r["iteration"] == 0 else \
-            f"{_ci(r, 'paired_delta')} ({int(r.get('n_paired', 0))})"
-        body.append([r["iteration"], _ci(r, "mean_reward"), _ci(r, "sq_beta"), paired, r.get("validity"),
+        first = r["iteration"] == 0
+        fixed = "" if "fixed_graph_delta" not in r or first else \
+            f"{_ci(r, 'fixed_graph_delta')} ({int(r.get('n_fixed_graph', 0))})"
+        paired = "" if "paired_delta" not in r or first else \
+            f"{r['paired_delta']:.4g} ({int(r.get('n_paired', 0))})"
+        body.append([r["iteration"], _ci(r, "mean_reward"), _ci(r, "sq_beta"), fixed, paired, r.get("validity"),
                      r.get("molecule_stability"), r.get("uniqueness"), r.get("novelty"), r.get("composition_tv")])
-    return f"sampler: {sampler} (common random numbers); reward: {cfg.reward.kind} ({cfg.reward.level})\n" + \
-        format_table(head, body)
+    return (f"sampler: {sampler} (common random numbers); reward: {cfg.reward.kind} ({cfg.reward.level}); Δr = the "
+            "iteration's reward minus iteration 0's: 'same molecules' re-integrates iteration 0's molecules with the "
+            "current positions network, 'unchanged graphs' pairs the new samples whose bond graph did not change\n"
+            + format_table(head, body))
 
 
 def run(args: argparse.Namespace) -> int:
