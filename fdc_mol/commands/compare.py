@@ -98,7 +98,6 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
 
     from fdc_mol.commands.finetune import load_finetune_config
     from fdc_mol.molecular.job import FinetuneJob
-    from fdc_mol.molecular.reward_oracle import molecules_of
     from fdc_mol.molecular.statistics import paired_bootstrap, superquantile
     from fdc_mol.report import format_table
     from flowmol_ext.io_utils import atomic_write_text
@@ -112,13 +111,12 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
         cfg = load_finetune_config(args.config[0], run_dir=dirs[names[0]], seed=seed)
         job = FinetuneJob(cfg)
         try:
-            ref = job._sample(job.flow, "ode", record=True)
-            rewards = {"pre-trained": np.asarray(job.reward(molecules_of(ref), with_grad=False).value, np.float64)}
+            ref = job.sample_evaluation(job.flow, "ode", record=True)
+            rewards = {"pre-trained": job.rewards_on(ref)}
             for n, d in dirs.items():
                 fine = job.flow.copy_frozen()
                 fine.model.load_state_dict(load_model_dir(d / "model").state_dict())
-                x = fine.replay_positions(ref)
-                rewards[n] = np.asarray(job.reward(molecules_of(ref, x), with_grad=False).value, np.float64)
+                rewards[n] = job.rewards_on(ref, fine)
         finally:
             close = getattr(job.reward, "close", None)
             if close:

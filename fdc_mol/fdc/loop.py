@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,9 +201,7 @@ def _jsonable(obj: Any) -> Any:
         return {k: _jsonable(v) for k, v in obj.items() if _scalar(v) or isinstance(v, (dict, list))}
     if isinstance(obj, list):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return obj  # json writes NaN/Infinity; Python's json reads them back
-    return obj
+    return obj  # json writes NaN/Infinity for non-finite floats; Python's json reads them back
 
 
 @dataclass
@@ -235,7 +232,8 @@ def run_outer_loop(
     """Run (or resume) Algorithm 1 on ``model`` (modified in place).
 
     fit_context(base, pre, k, payload) -> FitContext at p_{k−1}; ``payload`` is what ``evaluate`` returned
-    for iteration k − 1 (e.g. its samples and rewards, to reuse them), or None. evaluate(model, k) ->
+    for iteration k − 1 (e.g. its samples and rewards, to reuse them), or None (no evaluation, or the first
+    stage after a resume). evaluate(model, k) ->
     (metrics row, payload) after iteration k (k = 0: π_pre). store: stages on disk (None: in memory only).
     pre: the frozen π_pre (default: a frozen copy of ``model`` before any resume).
     """
@@ -253,9 +251,7 @@ def run_outer_loop(
         if start >= K:
             log.info("the run in %s is finished (K=%d); nothing to do", store.run_dir, K)
             return FDCResult(model=model, metrics=metrics, resumed_from=start)
-        if evaluate is not None:  # deterministic (common random numbers): recomputes the payload of k = start
-            torch.manual_seed(stage_seed(seed, start) + 1)
-            _, payload = evaluate(model, start)
+        # payload stays None: fit_context samples what it needs (the evaluation is deterministic under CRN)
     elif evaluate is not None:
         torch.manual_seed(stage_seed(seed, 0) + 1)
         row, payload = evaluate(model, 0)

@@ -30,7 +30,7 @@ from fdc_mol.config import FinetuneConfig
 from fdc_mol.fdc.divergences import Objective
 from fdc_mol.fdc.flow import FlowModel, Trajectory
 from fdc_mol.fdc.loop import FDCResult, StageStore, harmonic_eta, run_outer_loop, stage_seed
-from fdc_mol.fdc.utilities import CVaR, ExpectedReward, FitContext, MeanVariance, SuperQuantile
+from fdc_mol.fdc.utilities import CVaR, ExpectedReward, FitContext, MeanVariance, SuperQuantile, weighted_quantile
 from flowmol_ext import ATOM_TYPES
 from flowmol_ext.io_utils import atomic_write
 
@@ -159,7 +159,8 @@ class FinetuneJob:
     def _arrays_path(self, k: int, sampler: str) -> Path:
         return self.run_dir / "samples" / f"iteration_{k:03d}_{sampler}.npz"
 
-    def _sample(self, flow: FlowMolFlow, sampler: str, record: bool = False) -> Trajectory:
+    def sample_evaluation(self, flow: FlowMolFlow, sampler: str, record: bool = False) -> Trajectory:
+        """The evaluation sample of ``flow``: n_fit molecules of the run's sizes and sampling seed (CRN)."""
         gen = torch.Generator(device=self.device).manual_seed(self.eval_seed)
         return flow.sample(self.cfg.n_fit, self.cfg.sample_steps, memoryless=sampler == "sde", record=record,
                            generator=gen, sizes=self.eval_sizes)
@@ -173,7 +174,7 @@ class FinetuneJob:
         payload = None
         for si, sampler in enumerate(cfg.evaluation.samplers):
             t0 = time.time()
-            traj = self._sample(flow, sampler, record=k == 0 and si == 0 and sampler == "ode")
+            traj = self.sample_evaluation(flow, sampler, record=k == 0 and si == 0 and sampler == "ode")
             mols = molecules_of(traj)
             res = self.reward(mols, with_grad=False)
             r = np.asarray(res.value, dtype=np.float64)
@@ -194,7 +195,7 @@ class FinetuneJob:
                 "n": len(mols), "mean_reward": mean_ci.value, "mean_reward_lo": mean_ci.low,
                 "mean_reward_hi": mean_ci.high, "sq_beta": sq_ci.value, "sq_beta_lo": sq_ci.low,
                 "sq_beta_hi": sq_ci.high,
-                "q_beta": float(np.sort(rf)[max(0, math.ceil(beta * rf.size) - 1)]) if rf.size else math.nan,
+                "q_beta": float(weighted_quantile(torch.as_tensor(rf), beta)) if rf.size else math.nan,
                 "cvar": cvar(r, 1.0 - beta),
                 "mean_energy_per_atom": float((np.asarray(res.energy)[ok] / n_at[ok]).mean()) if ok.any() else
                 math.nan,
@@ -235,12 +236,16 @@ class FinetuneJob:
             return {"fixed_graph_delta": 0.0}
         if self.ref_traj is None:
             return {}
-        x = flow.replay_positions(self.ref_traj)
-        res = self.reward(molecules_of(self.ref_traj, x), with_grad=False)
-        d = paired_difference(np.asarray(res.value, np.float64), self.ref_rewards, None, self.cfg.evaluation.n_boot,
-                              seed=self.cfg.seed)
+        d = paired_difference(self.rewards_on(self.ref_traj, flow), self.ref_rewards, None,
+                              self.cfg.evaluation.n_boot, seed=self.cfg.seed)
         return {"fixed_graph_delta": d.value, "fixed_graph_delta_lo": d.low, "fixed_graph_delta_hi": d.high,
                 "n_fixed_graph": d.n}
+
+    def rewards_on(self, ref: Trajectory, flow: FlowMolFlow | None = None) -> np.ndarray:
+        """Evaluation rewards (B,) of ref's molecules: with ``flow``'s geometry replayed along ref's recorded
+        discrete states (:meth:`FlowMolFlow.replay_positions`), or with ref's own positions when flow is None."""
+        x = None if flow is None else flow.replay_positions(ref)
+        return np.asarray(self.reward(molecules_of(ref, x), with_grad=False).value, np.float64)
 
     def _kde_logp_pre(self, traj: Trajectory, k: int) -> float:
         """Mean log p̂_pre of the conformer descriptors under a KDE fitted on iteration 0's samples (nats);
@@ -312,12 +317,12 @@ class FinetuneJob:
         pre = self.flow.copy_frozen()
         pre.model.load_state_dict(self.pre_state)
         primary = self.cfg.evaluation.samplers[0]
-        traj = self._sample(pre, primary, record=primary == "ode")
+        traj = self.sample_evaluation(pre, primary, record=primary == "ode")
         final = traj.context["final"]
         self.kde_pre = MoleculeKDE().fit(traj.x1, final.a, final.node_graph, traj.n)
         if primary == "ode":
             self.ref_traj = traj
-            self.ref_rewards = np.asarray(self.reward(molecules_of(traj), with_grad=False).value, np.float64)
+            self.ref_rewards = self.rewards_on(traj)
 
     def _write_report(self, rows: list[dict[str, Any]]) -> None:
         from fdc_mol.report import plot_run
