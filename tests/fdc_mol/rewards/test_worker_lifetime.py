@@ -78,9 +78,10 @@ def test_sigterm_with_handler_shuts_the_pool_down_and_exits_143(tmp_path: Path) 
     proc, pids = _start_pool_script(tmp_path, """
         from flowmol_ext import signals
         signals.install()
-        print("READY", flush=True)
         try:
             with reward:
+                # READY inside the try: the test's SIGTERM may land while print() returns
+                print("READY", flush=True)
                 time.sleep(300)
         except signals.Interrupted as err:
             sys.exit(err.exit_code)
