@@ -135,7 +135,8 @@ class FinetuneJob:
         self.oracle = reward_oracle(self.train_reward, grad_clip_per_atom=cfg.reward.grad_clip_per_atom)
         self.train_smiles = self._train_smiles()
         # One size draw and one sampling seed per run: common random numbers for every evaluation.
-        self.eval_sizes = self.flow.draw_sizes(cfg.n_fit, torch.Generator(device=self.device).manual_seed(cfg.seed))
+        self.n_eval = cfg.evaluation.n_molecules or cfg.n_fit
+        self.eval_sizes = self.flow.draw_sizes(self.n_eval, torch.Generator(device=self.device).manual_seed(cfg.seed))
         self.eval_seed = stage_seed(cfg.seed, 10**6)
         self.reference: dict[str, dict[str, np.ndarray]] = {}
         self.kde_pre: MoleculeKDE | None = None
@@ -160,9 +161,10 @@ class FinetuneJob:
         return self.run_dir / "samples" / f"iteration_{k:03d}_{sampler}.npz"
 
     def sample_evaluation(self, flow: FlowMolFlow, sampler: str, record: bool = False) -> Trajectory:
-        """The evaluation sample of ``flow``: n_fit molecules of the run's sizes and sampling seed (CRN)."""
+        """The evaluation sample of ``flow``: ``evaluation.n_molecules`` (default n_fit) molecules of the run's
+        sizes and sampling seed (CRN)."""
         gen = torch.Generator(device=self.device).manual_seed(self.eval_seed)
-        return flow.sample(self.cfg.n_fit, self.cfg.sample_steps, memoryless=sampler == "sde", record=record,
+        return flow.sample(self.n_eval, self.cfg.sample_steps, memoryless=sampler == "sde", record=record,
                            generator=gen, sizes=self.eval_sizes)
 
     def evaluate(self, flow: FlowModel, k: int) -> tuple[dict[str, Any], Any]:

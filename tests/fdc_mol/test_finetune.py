@@ -251,3 +251,17 @@ def test_paired_bootstrap_of_a_statistic() -> None:
     noisy = base + rng.normal(scale=0.5, size=400)
     d = paired_bootstrap(noisy, base, np.mean, n_boot=300)
     assert d.low < d.value < d.high and d.excludes(1.0) and not d.excludes(d.value)
+
+
+def test_evaluation_size_is_separate_from_the_fit_size(tmp_path: Path) -> None:
+    """evaluation.n_molecules sets the evaluation sample (and the fixed-graph set) without changing n_fit; the
+    sample is the same across evaluations (common random numbers)."""
+    torch.set_num_threads(1)
+    job = _job(tmp_path / "big", evaluation={"samplers": ["ode"], "n_boot": 50, "n_molecules": 20})
+    row0, (traj0, r0) = job.evaluate(job.flow, 0)
+    assert row0["n"] == 20 and r0.numel() == 20 and job.cfg.n_fit == 12
+    row1, (traj1, _) = job.evaluate(job.flow, 1)
+    assert torch.equal(traj0.x1, traj1.x1) and row1["n_fixed_graph"] == 20
+    assert row1["fixed_graph_delta"] == pytest.approx(0.0, abs=1e-5)  # the replay equals the ODE up to rounding
+    ctx = job.fit_context(job.flow, job.flow, 1, None)  # fit_sampler am: n_fit fresh trajectories
+    assert ctx.rewards.numel() == 12
