@@ -131,7 +131,8 @@ class FinetuneConfig(StrictModel):
     kl_weight: float = Field(0.0, ge=0, description="α of G = F − α KL; for algorithm am the reward multiplier is 1/α")
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
     novelty_kde_weight: float = Field(0.0, ge=0, description="weight w of the KDE novelty term w·(−E log p̂)")
-    n_fit: int = Field(5000, ge=8, description="samples per iteration for the utility's fit (and the evaluation, unless evaluation.n_molecules is set)")
+    n_fit: int = Field(5000, ge=8, description="samples per iteration for the utility's fit (and the "
+                       "evaluation, unless evaluation.n_molecules is set)")
     sample_steps: int = Field(100, ge=2, description="integration steps of the evaluation/fit samples")
     n_atoms: int | None = Field(None, ge=2, description="fixed molecule size; default: the training histogram")
     trainable: Literal["all", "positions"] = Field(
