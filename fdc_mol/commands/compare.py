@@ -90,6 +90,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_fixed_graph_rewards(args: argparse.Namespace, names: list[str], dirs: dict[str, Path],
+                                  seed: int) -> dict[str, Any] | None:
+    """The per-molecule fixed-graph rewards each run saved at its last iteration, keyed like the comparison
+    (``pre-trained`` = iteration 0's rewards); None unless every run has them and all runs start from the very
+    same molecules (identical iteration-0 ODE rewards and graphs: same model, sizes, seed and sampler)."""
+    import numpy as np
+
+    from fdc_mol.commands.finetune import load_finetune_config
+
+    out: dict[str, Any] = {}
+    ref: dict[str, np.ndarray] | None = None
+    for n, config in zip(names, args.config):
+        cfg = load_finetune_config(config, run_dir=dirs[n], seed=seed)
+        first, last = (dirs[n] / "samples" / f"iteration_{k:03d}_ode.npz" for k in (0, cfg.K))
+        if not (first.is_file() and last.is_file()):
+            return None
+        a0, ak = dict(np.load(first)), dict(np.load(last))
+        if "fixed_graph_rewards" not in ak:
+            return None
+        if ref is None:
+            ref = a0
+        elif not (np.array_equal(ref["rewards"], a0["rewards"], equal_nan=True)
+                  and np.array_equal(ref["graph_keys"], a0["graph_keys"])):
+            return None
+        out[n] = ak["fixed_graph_rewards"]
+    assert ref is not None
+    return {"pre-trained": ref["rewards"], **out}
+
+
 def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
     """Per seed: the pre-trained ODE sample's molecules (recorded discrete trajectory) re-integrated with each
     method's final positions network; SQ_β and the mean of the SAME molecules' rewards, with paired bootstrap
@@ -109,18 +138,20 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
         if not all((d / "model").is_dir() for d in dirs.values()):
             continue
         cfg = load_finetune_config(args.config[0], run_dir=dirs[names[0]], seed=seed)
-        job = FinetuneJob(cfg)
-        try:
-            ref = job.sample_evaluation(job.flow, "ode", record=True)
-            rewards = {"pre-trained": job.rewards_on(ref)}
-            for n, d in dirs.items():
-                fine = job.flow.copy_frozen()
-                fine.model.load_state_dict(load_model_dir(d / "model").state_dict())
-                rewards[n] = job.rewards_on(ref, fine)
-        finally:
-            close = getattr(job.reward, "close", None)
-            if close:
-                close()
+        rewards = _recorded_fixed_graph_rewards(args, names, dirs, seed)
+        if rewards is None:  # runs from before the per-molecule arrays were saved: sample and score again
+            job = FinetuneJob(cfg)
+            try:
+                ref = job.sample_evaluation(job.flow, "ode", record=True)
+                rewards = {"pre-trained": job.rewards_on(ref)}
+                for n, d in dirs.items():
+                    fine = job.flow.copy_frozen()
+                    fine.model.load_state_dict(load_model_dir(d / "model").state_dict())
+                    rewards[n] = job.rewards_on(ref, fine)
+            finally:
+                close = getattr(job.reward, "close", None)
+                if close:
+                    close()
         beta = cfg.utility.beta
 
         def sq(v: np.ndarray, b: float = beta) -> float:

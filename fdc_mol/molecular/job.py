@@ -182,7 +182,13 @@ class FinetuneJob:
             r = np.asarray(res.value, dtype=np.float64)
             keys, counts = graph_keys(mols), element_counts(mols)
             n_at = np.array([m.n_atoms for m in mols], dtype=np.float64)
-            _save_npz(self._arrays_path(k, sampler), rewards=r, graph_keys=keys, element_counts=counts, n_atoms=n_at)
+            fixed: dict[str, Any] = {}
+            if si == 0 and sampler == "ode":
+                fixed = self._fixed_graph_delta(flow, traj, r, k)
+            arrays = {"rewards": r, "graph_keys": keys, "element_counts": counts, "n_atoms": n_at}
+            if "fixed_graph_rewards" in fixed:
+                arrays["fixed_graph_rewards"] = fixed.pop("fixed_graph_rewards")
+            _save_npz(self._arrays_path(k, sampler), **arrays)
             if k == 0 or sampler not in self.reference:
                 ref_path = self._arrays_path(0, sampler)
                 self.reference[sampler] = dict(np.load(ref_path)) if ref_path.is_file() else {}
@@ -214,8 +220,7 @@ class FinetuneJob:
                 vals.update({"paired_delta": d.value, "paired_delta_lo": d.low, "paired_delta_hi": d.high,
                              "n_paired": d.n, "graph_unchanged": float(same.mean()),
                              "composition_tv": float(0.5 * np.abs(fk - f0).sum())})
-            if si == 0 and sampler == "ode":
-                vals.update(self._fixed_graph_delta(flow, traj, r, k))
+            vals.update(fixed)
             if si == 0:
                 vals["kde_logp_pre"] = self._kde_logp_pre(traj, k)
                 payload = (traj, torch.as_tensor(r, dtype=torch.float32))
@@ -232,16 +237,18 @@ class FinetuneJob:
 
         Iteration 0's ODE trajectory is recorded once (types, charges, bonds at every step); for k > 0 the current
         model integrates positions along it (:meth:`FlowMolFlow.replay_positions`) and the same molecules are
-        scored again. Keys: fixed_graph_delta (Eh, mean over molecules finite in both) with its 95 % interval."""
+        scored again. Keys: fixed_graph_delta (Eh, mean over molecules finite in both) with its 95 % interval,
+        and fixed_graph_rewards (B,), the per-molecule rewards (saved in the iteration's npz, so that
+        ``fdc-mol compare`` pairs the methods on the same molecules without sampling them again)."""
         if k == 0:
             self.ref_traj, self.ref_rewards = traj, r  # sampled with record=True at iteration 0
-            return {"fixed_graph_delta": 0.0}
+            return {"fixed_graph_delta": 0.0, "fixed_graph_rewards": r}
         if self.ref_traj is None:
             return {}
-        d = paired_difference(self.rewards_on(self.ref_traj, flow), self.ref_rewards, None,
-                              self.cfg.evaluation.n_boot, seed=self.cfg.seed)
+        fixed_r = self.rewards_on(self.ref_traj, flow)
+        d = paired_difference(fixed_r, self.ref_rewards, None, self.cfg.evaluation.n_boot, seed=self.cfg.seed)
         return {"fixed_graph_delta": d.value, "fixed_graph_delta_lo": d.low, "fixed_graph_delta_hi": d.high,
-                "n_fixed_graph": d.n}
+                "n_fixed_graph": d.n, "fixed_graph_rewards": fixed_r}
 
     def rewards_on(self, ref: Trajectory, flow: FlowMolFlow | None = None) -> np.ndarray:
         """Evaluation rewards (B,) of ref's molecules: with ``flow``'s geometry replayed along ref's recorded

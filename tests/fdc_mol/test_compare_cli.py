@@ -41,3 +41,20 @@ def test_compare_two_methods_one_seed(tmp_path: Path, capsys: pytest.CaptureFixt
     for r in fixed:
         assert float(r["d_sq_lo"]) <= float(r["d_sq"]) <= float(r["d_sq_hi"])
         assert float(r["d_sq"]) == pytest.approx(float(r["sq_a"]) - float(r["sq_b"]))
+    # the recorded per-molecule arrays give what sampling the molecules again gives (same CRN draws)
+    from fdc_mol.commands import compare as compare_cmd
+
+    recorded = list(csv.DictReader(open(out / "fixed_graph.csv")))
+    (out / "fixed_graph.csv").unlink()
+    real = compare_cmd._recorded_fixed_graph_rewards
+    compare_cmd._recorded_fixed_graph_rewards = lambda *a: None  # force the re-sampling path
+    try:
+        main(["compare", "-c", str(tmp_path / "tiny_fdc.yaml"), "-c", str(tmp_path / "tiny_am.yaml"),
+              "--seeds", "0", "--out", str(out), "--summarize"])
+    finally:
+        compare_cmd._recorded_fixed_graph_rewards = real
+    resampled = list(csv.DictReader(open(out / "fixed_graph.csv")))
+    for a, b in zip(recorded, resampled):
+        assert a["n"] == b["n"]
+        for key in ("sq_a", "sq_b", "d_mean"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
