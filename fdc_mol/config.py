@@ -20,11 +20,12 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from fdc_mol.fdc.adjoint_matching import AMConfig
+from fdc_mol.rewards.components import ComponentConfig
 from flowmol_ext.config import StrictModel
 from flowmol_ext.model.sampler import SamplerConfig
 
-__all__ = ["UtilityConfig", "RewardConfig", "EvaluationConfig", "FinetuneConfig", "config_path", "CONFIG_DIR",
-           "DEPRECATED_KEYS"]
+__all__ = ["BarrierConfig", "UtilityConfig", "RewardConfig", "EvaluationConfig", "FinetuneConfig", "config_path",
+           "CONFIG_DIR", "DEPRECATED_KEYS"]
 
 log = logging.getLogger("fdc_mol.config")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -60,11 +61,33 @@ def _rename(data: dict[str, Any], table: dict[str, str], where: str) -> dict[str
     return out
 
 
+class BarrierConfig(StrictModel):
+    """Log-barrier constraint (:class:`fdc_mol.fdc.utilities.LogBarrier`): maximise ``objective`` of the reward
+    (superquantile: SQ_β with utility.beta; expected: E[r]) + weight · log(slack), slack = bound − E[c] (sense
+    le) or E[c] − bound (ge), with c the reward component named ``constraint`` (role constraint; its units)."""
+
+    objective: Literal["superquantile", "expected"] = "superquantile"
+    constraint: str = Field(description="name of a reward component with role 'constraint'")
+    bound: float = Field(description="C, in the constraint component's units")
+    sense: Literal["le", "ge"] = "le"
+    weight: float = Field(1.0, gt=0.0, description="β of the barrier, in reward units")
+    min_slack: float = Field(1e-3, gt=0.0, description="slack floor when the current model is infeasible")
+
+
 class UtilityConfig(StrictModel):
     """The utility F of the reward distribution. ``beta`` is the quantile level (SQ: top 1−β; CVaR: worst β)."""
 
-    kind: Literal["superquantile", "expected", "cvar", "mean_variance"] = "superquantile"
+    kind: Literal["superquantile", "expected", "cvar", "mean_variance", "log_barrier"] = "superquantile"
     beta: float = Field(0.998, gt=0.0, lt=1.0)
+    barrier: BarrierConfig | None = Field(None, description="kind log_barrier: the constrained objective")
+
+    @model_validator(mode="after")
+    def _check_barrier(self) -> UtilityConfig:
+        if self.kind == "log_barrier" and self.barrier is None:
+            raise ValueError("utility.kind log_barrier needs utility.barrier {objective, constraint, bound, ...}")
+        if self.kind != "log_barrier" and self.barrier is not None:
+            raise ValueError(f"utility.barrier applies to kind log_barrier only (kind is {self.kind})")
+        return self
 
 
 class RewardConfig(StrictModel):
@@ -90,6 +113,25 @@ class RewardConfig(StrictModel):
     train_min_distance_scale: float | None = Field(None, gt=0, lt=1.5)
     train_require_connected: bool = Field(True, description="training gate: reject disconnected molecules")
     train_allow_radicals: bool = Field(False, description="training gate: score open shells (UHF) too")
+    components: list[ComponentConfig] | None = Field(
+        None, description="composable reward components (fdc_mol.rewards.components); replaces kind")
+    aggregate: Literal["sum", "product"] = Field("sum", description="how objective components combine")
+
+    @model_validator(mode="after")
+    def _check_components(self) -> RewardConfig:
+        if self.components is None:
+            if "aggregate" in self.model_fields_set:
+                raise ValueError("reward.aggregate applies only with reward.components")
+            return self
+        if "kind" in self.model_fields_set:
+            raise ValueError("reward.kind does not apply with reward.components: give each component a kind")
+        names = [c.label for c in self.components]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate component name(s) {dup}: set 'name' on each")
+        if not any(c.role == "objective" for c in self.components):
+            raise ValueError("at least one component needs role 'objective' (the reward that is optimised)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -161,6 +203,14 @@ class FinetuneConfig(StrictModel):
             if self.K != 1:
                 raise ValueError("algorithm 'am' is a single stage: set K: 1 (give the budget in "
                                  "am_steps_per_iteration)")
+        b = self.utility.barrier
+        if b is not None:
+            roles = {c.label: c.role for c in self.reward.components or []}
+            if roles.get(b.constraint) != "constraint":
+                raise ValueError(f"utility.barrier.constraint '{b.constraint}' must name a reward component with "
+                                 f"role 'constraint' (components: {roles or 'none'})")
+            if self.algorithm != "fdc":
+                raise ValueError("utility.kind log_barrier needs algorithm fdc")
         if self.algorithm == "fdc" and self.kl_weight > 0:
             raise ValueError("kl_weight > 0 (KL regularisation) is not implemented for FDC on molecules: the "
                              "FlowMol score at t = 1 − ε needs the discrete states; use kl_weight: 0")

@@ -211,7 +211,22 @@ def make_molecular_reward(cfg: Any) -> Any:
     Evaluation calls use the strict gate; ``.for_training()`` the bond-aware clash gate when
     ``train_min_distance_scale`` is set. kind ``composition_corrected`` wraps it in
     :class:`~fdc_mol.rewards.composition.CompositionCorrectedReward` (per-element references of ``level``).
+    With ``components`` (and then without ``kind``) the reward is a
+    :class:`~fdc_mol.rewards.components.ComponentReward` aggregating them.
     """
+    if getattr(cfg, "components", None):
+        from fdc_mol.rewards.components import ComponentReward
+
+        train_update: dict[str, Any] = {}
+        if cfg.train_min_distance_scale is not None:
+            train_update["min_distance_scale"] = cfg.train_min_distance_scale
+        if not cfg.train_require_connected:
+            train_update["require_connected"] = False
+        if cfg.train_allow_radicals:
+            train_update["allow_radicals"] = True
+        return ComponentReward(cfg.components, cfg.aggregate, level=cfg.level, engine=cfg.engine,
+                               executor=cfg.executor, cache_dir=cfg.cache_dir, timeout_s=cfg.timeout_s,
+                               train_update=train_update)
     base = make_reward(cfg.level, engine=cfg.engine, executor=cfg.executor, cache_dir=cfg.cache_dir,
                        timeout_s=cfg.timeout_s)
     reward: Any = _TrainingGated(base, cfg.train_min_distance_scale, cfg.train_require_connected,
