@@ -37,6 +37,8 @@ __all__ = [
     "KDEEntropy",
     "LogDetDesign",
     "ADesign",
+    "LogBarrier",
+    "OracleOutput",
     "weighted_quantile",
 ]
 
@@ -52,7 +54,8 @@ class FitContext:
     model: the current base π_{k−1}; pre: the frozen pre-trained π_pre; reward: the reward oracle;
     sample_current / sample_pre: callables n -> fresh samples (n, ...) of p_{k−1} / p_pre;
     rewards: (n,) the rewards of ``x`` when already computed (e.g. by the evaluation of iteration k − 1),
-    so reward utilities do not score the same samples twice (NaN for failures).
+    so reward utilities do not score the same samples twice (NaN for failures); columns: further per-sample
+    values (n,) of ``x`` by name (e.g. a constraint for :class:`LogBarrier`), NaN for failures.
     """
 
     x: Tensor
@@ -63,6 +66,21 @@ class FitContext:
     sample_current: Callable[[int], Tensor] | None = None
     sample_pre: Callable[[int], Tensor] | None = None
     rewards: Tensor | None = None
+    columns: dict[str, Tensor] | None = None
+
+
+class OracleOutput(tuple):
+    """What a reward oracle may return instead of a plain ``(values, grads)`` pair: the same pair (it unpacks
+    as one), plus ``columns`` {name: (values (n,), grads like x)} of further per-sample quantities (e.g. the
+    constraint of :class:`LogBarrier`)."""
+
+    columns: dict[str, tuple[Tensor, Tensor]]
+
+    def __new__(cls, values: Tensor, grads: Tensor,
+                columns: dict[str, tuple[Tensor, Tensor]] | None = None) -> OracleOutput:
+        out = super().__new__(cls, (values, grads))
+        out.columns = dict(columns or {})
+        return out
 
 
 @dataclass
@@ -408,3 +426,106 @@ class ADesign(_Design):
     def weight_matrix(self, M: Tensor) -> Tensor:
         Mi = torch.linalg.inv(M)
         return Mi @ Mi
+
+
+class LogBarrier:
+    """A reward utility under a log-barrier constraint on the mean of a second per-sample quantity c(x).
+
+    The paper ([FDC] Table 2) writes F = E[r] − β log(⟨p, c⟩ − C) with first variation r − β c/(⟨p, c⟩ − C).
+    Read as a barrier for *maximisation* (the log term must go to −∞ at the boundary so that F keeps p inside
+    the feasible set) it is, with m = ⟨p, c⟩ and slack s:
+
+    - ``sense="le"`` (m ≤ C, e.g. mean energy ≤ C): s = C − m, F = U(p) + β log s,
+      δF = δU − β c / s, ∇ₓδF = ∇ₓδU − (β / s) ∇c;
+    - ``sense="ge"`` (m ≥ C): s = m − C, F = U(p) + β log s, δF = δU + β c / s, ∇ₓδF = ∇ₓδU + (β / s) ∇c;
+
+    where U is a reward utility of r (:class:`ExpectedReward`, which gives the paper's E[r], or
+    :class:`SuperQuantile` for "maximise the tail of r subject to the mean of c"). β > 0 in units of r; C and c
+    in the constraint's units. When the fit sample is infeasible (s ≤ 0) the slack is floored at ``min_slack``
+    (the gradient then pushes toward feasibility with weight β/min_slack) and ``info['feasible']`` is False.
+
+    The reward oracle must return an :class:`OracleOutput` whose ``columns[constraint]`` holds (c, ∇c);
+    samples with a NaN r or c are left out of the statistics and get zero gradient.
+    """
+
+    name = "log_barrier"
+
+    def __init__(self, objective: _RewardUtility, constraint: str, bound: float, beta: float = 1.0,
+                 sense: str = "le", min_slack: float = 1e-3) -> None:
+        if sense not in ("le", "ge"):
+            raise ValueError(f"LogBarrier sense must be 'le' or 'ge', got {sense!r}")
+        if not beta > 0:
+            raise ValueError(f"LogBarrier beta must be > 0, got {beta}")
+        if not min_slack > 0:
+            raise ValueError(f"LogBarrier min_slack must be > 0, got {min_slack}")
+        self.objective = objective
+        self.constraint = constraint
+        self.bound = float(bound)
+        self.beta = float(beta)
+        self.sense = sense
+        self.min_slack = float(min_slack)
+        self.rho = -1.0 if sense == "le" else 1.0  # ds/dm
+        self.grad_scale = objective.grad_scale
+
+    def slack(self, m: float) -> float:
+        """s = C − m (le) or m − C (ge), in the constraint's units."""
+        return self.bound - m if self.sense == "le" else m - self.bound
+
+    def value(self, r: Tensor, c: Tensor, w: Tensor | None = None) -> Tensor:
+        """F of the discrete distribution with rewards r (n,), constraint values c (n,) and weights w (n,)."""
+        wn = torch.full_like(r, 1.0 / r.numel()) if w is None else w / w.sum()
+        m = (wn * c).sum()
+        s = (self.bound - m) if self.sense == "le" else (m - self.bound)
+        return self.objective.value(r, w) + self.beta * torch.log(s)
+
+    def first_variation(self, r: Tensor, c: Tensor, w: Tensor | None = None) -> Tensor:
+        """δF at each point (n,) (up to a constant): δU(r) + ρ β c / s with ρ = ds/dm."""
+        wn = torch.full_like(r, 1.0 / r.numel()) if w is None else w / w.sum()
+        s = self.slack(float((wn * c).sum()))
+        return self.objective.first_variation(r, w) + self.rho * self.beta * c / s
+
+    def fit(self, ctx: FitContext) -> Fitted:
+        if ctx.reward is None:
+            raise ValueError("utility log_barrier needs a reward oracle in the fit context")
+        cols = ctx.columns or {}
+        if ctx.rewards is not None and self.constraint in cols:
+            r, c = torch.as_tensor(ctx.rewards), torch.as_tensor(cols[self.constraint])
+        else:
+            with torch.no_grad():
+                out = ctx.reward(ctx.x, ctx.traj)
+            r = out[0]
+            got = getattr(out, "columns", {})
+            if self.constraint not in got:
+                raise ValueError(f"utility log_barrier: the reward has no constraint column '{self.constraint}' "
+                                 f"(columns: {sorted(got) or 'none'}); give the component role 'constraint'")
+            c = got[self.constraint][0]
+        r, c = r.detach().to(torch.float64), c.detach().to(torch.float64).reshape(-1)
+        ok = torch.isfinite(r) & torch.isfinite(c)
+        if int(ok.sum()) < 2:
+            raise ValueError(f"utility log_barrier: fewer than 2 samples with finite reward and constraint among "
+                             f"{r.numel()}")
+        rf, cf = r[ok], c[ok]
+        st = self.objective.stats(rf)
+        m = float(cf.mean())
+        s = self.slack(m)
+        feasible = s > 0
+        s_eff = max(s, self.min_slack)
+        coef_c = self.rho * self.beta / s_eff
+        reward, objective, name = ctx.reward, self.objective, self.constraint
+
+        def grad_fn(x: Tensor, traj: Trajectory | None) -> Tensor:
+            out = reward(x, traj)
+            rx, gx = out
+            cols_x = getattr(out, "columns", {})
+            if name not in cols_x:
+                raise ValueError(f"utility log_barrier: the reward oracle returned no column '{name}'")
+            cx, gcx = cols_x[name]
+            g = objective.first_variation_grad(x, rx, gx, st, traj)
+            okc = torch.isfinite(cx) & torch.isfinite(rx)
+            coef = torch.where(okc, torch.full_like(cx, coef_c), torch.zeros_like(cx))
+            return g + torch.nan_to_num(_expand(coef.to(gcx.dtype), gcx, traj))
+
+        value = float(objective.value(rf)) + self.beta * math.log(s_eff)
+        info = {**st, "constraint_mean": m, "slack": s, "feasible": feasible, "barrier_coef": coef_c,
+                "nan_rate": float(1 - ok.float().mean()), "mean_reward": float(rf.mean())}
+        return Fitted(value=value, grad_fn=grad_fn, grad_scale=self.grad_scale, info=info)
