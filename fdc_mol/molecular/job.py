@@ -57,6 +57,12 @@ def make_utility(cfg: FinetuneConfig) -> Any:
     u = cfg.utility
     if cfg.algorithm == "am":
         return ExpectedReward()
+    if u.kind == "log_barrier":
+        from fdc_mol.fdc.utilities import LogBarrier
+
+        b = u.barrier
+        return LogBarrier(SuperQuantile(u.beta) if b.objective == "superquantile" else ExpectedReward(),
+                          b.constraint, b.bound, beta=b.weight, sense=b.sense, min_slack=b.min_slack)
     return {"superquantile": lambda: SuperQuantile(u.beta), "cvar": lambda: CVaR(u.beta),
             "expected": ExpectedReward, "mean_variance": MeanVariance}[u.kind]()
 
@@ -279,6 +285,7 @@ class FinetuneJob:
         """The fit sample at p_{k−1}: ``fit_sampler: am`` draws n_fit terminal states of the process AM trains
         (memoryless SDE on am.steps) and scores them with the training reward; ``evaluation`` reuses the
         primary evaluation sample of iteration k − 1 and its rewards."""
+        columns = None
         if self.cfg.fit_sampler == "am":
             gen = torch.Generator(device=self.device).manual_seed(stage_seed(self.cfg.seed, k) + 2)
             traj = base.sample(self.cfg.n_fit, self.cfg.am.steps, memoryless=True, record=False, generator=gen)
@@ -287,13 +294,14 @@ class FinetuneJob:
             log.info("fit sample of iteration %d (SDE, %d steps): %d of %d scored", k - 1, self.cfg.am.steps,
                      int(torch.isfinite(r).sum()), r.numel())
             payload = (traj, r)
+            columns = {k: torch.as_tensor(np.asarray(v, np.float64)) for k, v in res.extras.items()}
         elif payload is None:
             _, payload = self.evaluate(base, k - 1)
         traj, r = payload
         if int(torch.isfinite(r).sum()) < 2:
             raise ValueError(f"iteration {k - 1}: fewer than 2 of {r.numel()} molecules have a finite reward; "
                              "cannot fit the utility (see the reasons in the iteration's SDF)")
-        return FitContext(x=traj.x1, traj=traj, model=base, pre=pre, reward=self.oracle, rewards=r)
+        return FitContext(x=traj.x1, traj=traj, model=base, pre=pre, reward=self.oracle, rewards=r, columns=columns)
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
@@ -338,3 +346,6 @@ class FinetuneJob:
 
         if rows:
             plot_run(self.run_dir, rows, self.cfg.utility.beta)
+            from fdc_mol.report import write_html_report
+
+            write_html_report(self.run_dir, rows, title=f"fdc-mol finetune: {self.run_dir.name}")

@@ -213,6 +213,7 @@ class ComponentValues:
     value: np.ndarray
     grad: list[np.ndarray | None] | None = None
     reason: list[str] | None = None
+    energy: np.ndarray | None = None  # energy components: the total energy E (B,) in Eh behind the value
 
 
 def load_plugin(path: str) -> Callable[..., Any]:
@@ -264,9 +265,10 @@ def _plugin_values(cfg: ComponentConfig, fn: Callable[..., Any], molecules: list
 @dataclass
 class ComponentResult(RewardResult):
     """A :class:`RewardResult` of an aggregated reward: ``value`` (B,) in the reward's units (not Hartree unless
-    the objective is an energy), ``energy`` (B,) the first energy component's E in Eh (NaN when none),
-    ``extras`` one raw column per component (its units), ``extra_grads`` {constraint name: gradients (n_i, 3)
-    per Å of the constraint column, None for failures}, ``units`` {column: units}."""
+    the objective is an energy); ``energy`` (B,) the total xTB energy E in Eh of the first xTB energy component
+    (NaN when none); ``extras`` one column per component in its units (a constraint's column transformed);
+    ``extra_grads`` {constraint name: gradients (n_i, 3) per Å of the constraint column, None for failures};
+    ``units`` {column: units}."""
 
     extra_grads: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
@@ -390,7 +392,7 @@ class ComponentReward:
             if lvl not in self._refs:
                 self._refs[lvl] = load_element_references(lvl)
             e = e - _counts(molecules) @ self._refs[lvl]
-        return ComponentValues(e, grad, list(res.reason))
+        return ComponentValues(e, grad, list(res.reason), energy=np.asarray(res.energy, np.float64))
 
     def _dxtb_values(self, molecules: list[Any], with_grad: bool, level: str,
                      names: tuple[str, ...]) -> dict[str, ComponentValues]:
@@ -539,8 +541,8 @@ class ComponentReward:
                                         for i, g in enumerate(gl)]
         energy = np.full(B, np.nan)
         for c in self.components:
-            if c.kind == "xtb_energy":
-                energy = np.asarray(raw[c.label].value, np.float64).copy()
+            if c.kind in ("xtb_energy", "composition_corrected_energy", "strain") and raw[c.label].energy is not None:
+                energy = np.asarray(raw[c.label].energy, np.float64).copy()
                 break
         return ComponentResult(
             value=value, energy=energy, grad=grad, ok=ok, reason=reasons, method=self.method, extras=extras,
