@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy", default="gfn2", choices=["gfn1", "gfn2", "none"])
     p.add_argument("--executor", default="local:2")
     p.add_argument("--out", type=Path, help="also write the table as JSON here")
+    p.add_argument("--sdf-dir", type=Path, help="also write each sampler's molecules to DIR/<sampler>.sdf (with "
+                   "their energies), e.g. for `fdc-mol evaluate --geometry`")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -41,8 +43,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def model_card_metrics(model_name: str, n: int, steps: int, seed: int, sampler: str, data_dir: str | None,
-                       energy: str, executor: str) -> dict[str, float]:
-    """The table's column for one sampler (fractions in [0, 1], energies in Eh)."""
+                       energy: str, executor: str, sdf: Path | None = None) -> dict[str, float]:
+    """The table's column for one sampler (fractions in [0, 1], energies in Eh); the molecules also go to
+    ``sdf`` when given (energy and the reward gate's reason per record)."""
     import numpy as np
     import torch
 
@@ -76,6 +79,15 @@ def model_card_metrics(model_name: str, n: int, steps: int, seed: int, sampler: 
         e_atom = np.asarray(res.energy)[ok] / np.array([m.n_atoms for m in mols])[ok]
         out["reward_gate_pass"] = float(ok.mean())
         out[f"median_{energy}_energy_per_atom_hartree"] = float(np.median(e_atom)) if ok.any() else math.nan
+    if sdf is not None:
+        from fdc_mol.io import write_sdf
+
+        props = [{"sample_index": i, "model": model_name, "sampler": sampler, "steps": steps, "seed": seed}
+                 for i in range(len(mols))]
+        if energy != "none":
+            for i, p in enumerate(props):
+                p.update(res.sdf_props(i))
+        write_sdf(sdf, mols, props)
     return out
 
 
@@ -84,8 +96,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_molecules < 1 or args.steps < 1:
         raise ValueError("--n-molecules and --steps must be >= 1")
+    if args.sdf_dir is not None:
+        from flowmol_ext.io_utils import check_writable_dir
+
+        try:
+            args.sdf_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"--sdf-dir {args.sdf_dir}: cannot create the folder ({err.strerror})") from None
+        check_writable_dir(args.sdf_dir, "--sdf-dir")  # before sampling, not after
     cols = {s: model_card_metrics(args.model, args.n_molecules, args.steps, args.seed, s, args.data_dir,
-                                  args.energy, args.executor) for s in args.samplers}
+                                  args.energy, args.executor,
+                                  None if args.sdf_dir is None else args.sdf_dir / f"{s}.sdf")
+            for s in args.samplers}
     keys = ["atom_stability", "molecule_stability", "validity", "connectivity", "uniqueness", "novelty",
             "reward_gate_pass", "n_min_distance_below_0.9A", f"median_{args.energy}_energy_per_atom_hartree"]
     n = args.n_molecules
