@@ -75,7 +75,11 @@ def load_baseline(commit: str = BASELINE_COMMIT) -> SimpleNamespace:
 def baseline_model(model, commit: str = BASELINE_COMMIT):  # noqa: ANN001, ANN201
     """A baseline-code FlowMol with the same config, weights and metadata as ``model`` (same device)."""
     base = load_baseline(commit)
-    cfg = base.config.ModelConfig(**model.cfg.model_dump())
+    data = model.cfg.model_dump()
+    if data.get("distortion", {}).get("p", 0.0) > 0:
+        raise ValueError("the baseline has no train-time distortion; compare with distortion.p = 0")
+    # options added after the baseline commit (all off here) are not fields of its config
+    cfg = base.config.ModelConfig(**{k: v for k, v in data.items() if k in base.config.ModelConfig.model_fields})
     old = base.flow.FlowMol(cfg, metadata=dict(model.metadata))
     old.load_state_dict(model.state_dict(), strict=True)
     dev = next(model.parameters()).device

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from flowmol_ext.batch import MolBatch
 from flowmol_ext.graph import Graph, remove_com
-from flowmol_ext.model.config import ModelConfig
+from flowmol_ext.model.config import GeometryDistortion, ModelConfig
 from flowmol_ext.model.interpolants import Schedule, alpha, alpha_prime, rand_on, sample_conditional_path
 from flowmol_ext.model.loss import LossTerms, flowmol_loss, masked_targets
 from flowmol_ext.model.vector_field import VectorField
@@ -134,7 +134,8 @@ class FlowMol(nn.Module):
         """FlowMol v2.0 training loss on a data batch.
 
         x1: COM-free data (x (N, 3) Å, class indices a, c, e); x0 (N, 3) Å the (OT-aligned) prior;
-        t (B,) or sampled U(0, 1) here. Draw order: t (B), rand_a (N), rand_c (N), rand_e (E/2).
+        t (B,) or sampled U(0, 1) here. Draw order: t (B), rand_a (N), rand_c (N), rand_e (E/2), then, only
+        with ``cfg.distortion.p > 0``, rand (N) and randn (N, 3) of the train-time distortion.
         """
         g = x1.graph
         if int(x1.e.numel()) != int(g.src.numel()):
@@ -145,7 +146,8 @@ class FlowMol(nn.Module):
             raise ValueError(f"t must have shape ({g.num_graphs},); got {tuple(t.shape)}")
         alpha_t = self.schedule.alpha(t)
         path = sample_conditional_path(x0, x1, alpha_t, self.mask_index, generator=generator, draws=draws)
-        pred = self.predict(path.x_t, path.a_t, path.c_t, path.e_t, t, g)
+        x_t = distort_positions(path.x_t, t, g.node_graph, self.cfg.distortion, generator)
+        pred = self.predict(x_t, path.a_t, path.c_t, path.e_t, t, g)
         ma, mc, me = self.mask_index
         return flowmol_loss(
             pred.x1, pred.a, pred.c, pred.e, x1.x,
@@ -171,8 +173,21 @@ class FlowMol(nn.Module):
         self.vector_field.set_compile(enabled)
 
 
+def distort_positions(x_t: Tensor, t: Tensor, node_graph: Tensor, cfg: GeometryDistortion,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """FlowMol3's train-time distortion of x_t (N, 3) Å (see :class:`~flowmol_ext.model.config.GeometryDistortion`):
+    atoms of molecules with t > cfg.t_min, each with probability cfg.p, move by N(0, cfg.std²) per coordinate.
+    t (B,), node_graph (N,) molecule of each atom. Returns x_t itself when cfg.p == 0 (no draws)."""
+    if cfg.p <= 0:
+        return x_t
+    n = x_t.shape[0]
+    hit = (rand_on((n,), x_t.device, generator) < cfg.p) & (t[node_graph] > cfg.t_min)
+    noise = rand_on((n, 3), x_t.device, generator, normal=True).to(x_t.dtype) * cfg.std
+    return x_t + noise * hit.unsqueeze(-1).to(x_t.dtype)
+
+
 def _remove_com(x: Tensor, graph: Graph) -> Tensor:
     return remove_com(x, graph.node_graph, graph.num_graphs)
 
 
-__all__ = ["EndpointPrediction", "FlowMol", "LossTerms", "velocity_from_endpoint"]
+__all__ = ["EndpointPrediction", "FlowMol", "LossTerms", "distort_positions", "velocity_from_endpoint"]
