@@ -177,7 +177,9 @@ def top_molecule_grid(run_dir: Path, n_top: int = 6, extra_field: str | None = N
 def plot_distributions(run_dir: Path, max_columns: int = 4) -> tuple[Path | None, list[dict[str, Any]]]:
     """``distributions.png``: histograms per iteration of the reward and of every numeric per-molecule column
     of the SDFs (component values with their units in the name, e.g. ``gap_eV``, ``xtb_energy_Eh``), and a
-    summary per (iteration, column): n finite, mean, median, 90th percentile."""
+    summary per (iteration, column): n finite, mean, median, 90th percentile. When the job recorded them
+    (``fixed_graph_rewards`` in ``samples/iteration_KKK_ode.npz``), one more panel shows the reward of iteration
+    0's molecules with each iteration's geometry (the same molecules, so graph changes do not blur the shift)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,8 +192,14 @@ def plot_distributions(run_dir: Path, max_columns: int = 4) -> tuple[Path | None
     key = _reward_field(first)
     cols = ([key] if key else []) + sorted(c for c in first if c not in {key, "reward_Eh", "reward", "energy_Eh"})
     cols = cols[:max_columns]
+    fixed = _fixed_graph_rewards(Path(run_dir))
+    if fixed:  # the reward of iteration 0's molecules with each iteration's geometry: the same molecules
+        for k, v in fixed.items():
+            if k in data:
+                data[k][1][FIXED_GRAPH_COLUMN] = v
+        cols.append(FIXED_GRAPH_COLUMN)
     summary: list[dict[str, Any]] = []
-    fig, axes = plt.subplots(1, max(1, len(cols)), figsize=(4.2 * max(1, len(cols)), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(cols)), figsize=(4.4 * max(1, len(cols)), 3.6), squeeze=False)
     cmap = plt.get_cmap("viridis")
     its = sorted(data)
     for j, col in enumerate(cols):
@@ -210,8 +218,8 @@ def plot_distributions(run_dir: Path, max_columns: int = 4) -> tuple[Path | None
             if v.size:
                 ax.hist(v, bins=bins, histtype="step", density=True, color=cmap(n / max(1, len(its) - 1)),
                         label=f"iter {k} (mean {v.mean():.4g})")
-        ax.set_title(col)
-        ax.set_xlabel(col)
+        ax.set_title(col, fontsize=9 if len(col) > 30 else 11)
+        ax.set_xlabel("reward" if col == FIXED_GRAPH_COLUMN else col)
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -219,6 +227,25 @@ def plot_distributions(run_dir: Path, max_columns: int = 4) -> tuple[Path | None
     atomic_write(out, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
     return out, summary
+
+
+FIXED_GRAPH_COLUMN = "reward, iteration 0's molecules (fixed graph)"
+
+
+def _fixed_graph_rewards(run_dir: Path) -> dict[int, np.ndarray]:
+    """``fixed_graph_rewards`` (B,) by iteration from ``samples/iteration_KKK_ode.npz``: the reward of iteration
+    0's molecules (same graphs, same start) with iteration k's positions network; empty when not recorded."""
+    import re
+
+    out: dict[int, np.ndarray] = {}
+    for path in sorted((run_dir / "samples").glob("iteration_*_ode.npz")):
+        m = re.search(r"iteration_(\d{3})_ode\.npz$", path.name)
+        if not m:
+            continue
+        with np.load(path) as z:
+            if "fixed_graph_rewards" in z.files:
+                out[int(m.group(1))] = np.asarray(z["fixed_graph_rewards"], np.float64)
+    return out
 
 
 def _b64_png(path: Path | None) -> str:

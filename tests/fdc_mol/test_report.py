@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fdc_mol.io import write_sdf
-from fdc_mol.report import plot_distributions, plot_run, top_molecule_grid, write_html_report
+from fdc_mol.report import FIXED_GRAPH_COLUMN, plot_distributions, plot_run, top_molecule_grid, write_html_report
 
 from .rewards.conftest import molecule_from_xyz, qm9_rows
 
@@ -43,7 +43,8 @@ def _fake_run(tmp_path: Path) -> tuple[Path, list[dict]]:
         props[0]["reward"] = props[0]["reward_Eh"] = float("nan")
         props[0]["reward_failure"] = "gap: overlapping atoms"
         write_sdf(run / "samples" / f"iteration_{k:03d}.sdf", mols, props)
-        np.savez(run / "samples" / f"iteration_{k:03d}_ode.npz", rewards=gap)
+        np.savez(run / "samples" / f"iteration_{k:03d}_ode.npz", rewards=gap,
+                 fixed_graph_rewards=np.linspace(6.0, 9.0, len(mols)) + 0.5 * k)
         rows.append({"iteration": k, "n": len(mols), "mean_reward": float(gap[1:].mean()), "sq_beta": float(gap[-3:]
                      .mean()), "validity": 1.0, "molecule_stability": 0.9})
     (run / "config.yaml").write_text("reward:\n  components:\n  - kind: gap\n")
@@ -61,6 +62,7 @@ def test_grid_distributions_and_self_contained_html(tmp_path: Path) -> None:
     by = {(s["iteration"], s["column"]): s for s in summary}
     assert by[(1, "gap_eV")]["mean"] - by[(0, "gap_eV")]["mean"] == pytest.approx(1.0)
     assert by[(0, "reward")]["n"] == 11  # the failed molecule (NaN) is left out
+    assert by[(1, FIXED_GRAPH_COLUMN)]["mean"] - by[(0, FIXED_GRAPH_COLUMN)]["mean"] == pytest.approx(0.5)
     page = write_html_report(run, rows, title="test run")
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3
