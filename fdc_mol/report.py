@@ -190,7 +190,9 @@ def plot_distributions(run_dir: Path, max_columns: int = 4) -> tuple[Path | None
         return None, []
     first = next(iter(data.values()))[1]
     key = _reward_field(first)
-    cols = ([key] if key else []) + sorted(c for c in first if c not in {key, "reward_Eh", "reward", "energy_Eh"})
+    cols = ([key] if key else []) + sorted(
+        c for c in first if c not in {key, "reward_Eh", "reward", "energy_Eh"}
+        and not (key and np.array_equal(first[c], first[key], equal_nan=True)))  # a component that is the reward
     cols = cols[:max_columns]
     fixed = _fixed_graph_rewards(Path(run_dir))
     if fixed:  # the reward of iteration 0's molecules with each iteration's geometry: the same molecules
@@ -198,8 +200,10 @@ def plot_distributions(run_dir: Path, max_columns: int = 4) -> tuple[Path | None
             if k in data:
                 data[k][1][FIXED_GRAPH_COLUMN] = v
         cols.append(FIXED_GRAPH_COLUMN)
+    base = data[min(data)][1].get(FIXED_GRAPH_COLUMN) if fixed and min(data) == 0 else None
     summary: list[dict[str, Any]] = []
-    fig, axes = plt.subplots(1, max(1, len(cols)), figsize=(4.4 * max(1, len(cols)), 3.6), squeeze=False)
+    n_ax = max(1, len(cols)) + (base is not None)
+    fig, axes = plt.subplots(1, n_ax, figsize=(4.4 * n_ax, 3.6), squeeze=False)
     cmap = plt.get_cmap("viridis")
     its = sorted(data)
     for j, col in enumerate(cols):
@@ -221,6 +225,21 @@ def plot_distributions(run_dir: Path, max_columns: int = 4) -> tuple[Path | None
         ax.set_title(col, fontsize=9 if len(col) > 30 else 11)
         ax.set_xlabel("reward" if col == FIXED_GRAPH_COLUMN else col)
         ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    if base is not None:  # per-molecule change on the same molecules: r_k − r_0
+        ax = axes[0, -1]
+        ax.axvline(0.0, color="0.6", lw=0.8)
+        deltas = {k: data[k][1][FIXED_GRAPH_COLUMN] - base for k in its if k > 0 and FIXED_GRAPH_COLUMN in data[k][1]}
+        both = np.concatenate([v[np.isfinite(v)] for v in deltas.values()]) if deltas else np.zeros(0)
+        bins = np.linspace(both.min(), both.max(), 31) if both.size and np.ptp(both) > 0 else 30
+        for n, (k, dv) in enumerate(deltas.items()):
+            dv = dv[np.isfinite(dv)]
+            if dv.size:
+                ax.hist(dv, bins=bins, histtype="step", color=cmap((n + 1) / max(1, len(its) - 1)),
+                        label=f"iter {k}: mean {dv.mean():+.3g}, {int((dv > 0).sum())} up / {int((dv < 0).sum())} down")
+        ax.set_title("change on iteration 0's molecules, r_k − r_0", fontsize=10)
+        ax.set_xlabel("Δ reward (same molecule)")
+        ax.set_ylabel("molecules")
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(run_dir) / "distributions.png"
