@@ -42,7 +42,7 @@ def plot_run(run_dir: Path, rows: list[dict[str, Any]], beta: float) -> Path:
     axes[1].plot(its, [r["mean_reward"] for r in rows], "o-", label="E[r]")
     axes[1].plot(its, [r["sq_beta"] for r in rows], "s-", label=f"SQ_β (β={beta})")
     axes[1].set_xlabel("outer iteration")
-    axes[1].set_ylabel("Hartree")
+    axes[1].set_ylabel("reward (Hartree for energy rewards)")
     axes[1].legend(fontsize=8)
     axes[1].set_title("mean and tail mean of the reward")
     for key in ("validity", "molecule_stability"):
