@@ -250,3 +250,35 @@ def test_training_gate_reaches_dxtb_components(qm9_molecules) -> None:  # noqa: 
     train = rw.for_training()([m])
     assert not strict.ok[0] and "min_distance_A" in strict.reason[0]
     assert train.ok[0] and np.isfinite(train.value[0]), train.reason[0]
+
+
+def test_energy_components_strain_and_mmff(qm9_molecules) -> None:  # noqa: ANN001
+    """xtb_energy and composition_corrected_energy share one tblite call; strain = E − E(relaxed) ≥ 0 with gradient
+    ∇E; mmff_energy equals the MMFF94 reward's energy (all Eh)."""
+    from fdc_mol.rewards import make_reward
+    from fdc_mol.rewards.composition import _counts, load_element_references
+
+    mols = qm9_molecules[12:14]
+    rw = ComponentReward([
+        ComponentConfig(kind="xtb_energy", direction="minimize"),
+        ComponentConfig(kind="composition_corrected_energy", role="constraint", name="ecc"),
+        ComponentConfig(kind="strain", role="constraint"),
+        ComponentConfig(kind="mmff_energy", role="constraint"),
+    ], executor="serial")
+    try:
+        res = rw(mols)
+    finally:
+        rw.close()
+    assert res.ok.all(), res.reason
+    with make_reward("gfn1", executor="serial") as ref, make_reward("mmff94", executor="serial") as mm:
+        e = ref(mols)
+        emm = mm(mols, with_grad=False)
+    np.testing.assert_allclose(res.extras["xtb_energy"], e.energy, rtol=1e-10)
+    np.testing.assert_allclose(res.value, -e.energy, rtol=1e-10)  # minimize: r = −E
+    np.testing.assert_allclose(res.extras["ecc"], e.energy - _counts(mols) @ load_element_references("gfn1"))
+    assert (res.extras["strain"] >= 0).all() and (res.extras["strain"] < 0.01).all()  # DFT geometries: small strain
+    np.testing.assert_allclose(res.extras["mmff_energy"], emm.energy, rtol=1e-10)
+    for i in range(2):
+        np.testing.assert_allclose(res.grad[i], e.grad[i], rtol=1e-10)  # d(−E)/dx
+        np.testing.assert_allclose(res.extra_grads["strain"][i], -e.grad[i], rtol=1e-10)  # ∇strain = ∇E
+        np.testing.assert_allclose(res.extra_grads["ecc"][i], -e.grad[i], rtol=1e-10)
