@@ -6,9 +6,10 @@ not the 0600 of :func:`tempfile.mkstemp`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically (torch raises on write errors)."""
     atomic_write(path, lambda p: torch.save(obj, p))
+
+
+RUN_LOCK_FILE = ".fdc-mol.run.lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, key: str = "run_dir") -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on ``<run_dir>/.fdc-mol.run.lock`` for the whole run.
+
+    A second run into the same directory (same seed: it would write the same files at the same time) fails at
+    once with a ``ValueError`` naming the directory and the holder (pid, host, start time, command). The lock
+    dies with its process, so a killed run leaves no stale lock and resumes normally."""
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / RUN_LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+            raise ValueError(f"{key} {run_dir} is in use by another run ({holder}); wait for it to finish or "
+                             f"choose another {key}") from None
+        info = (f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)[:300]}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # releases the lock

@@ -37,16 +37,23 @@ def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 def run_finetune(cfg, *, print_table: bool = True, model: Any = None, reward: Any = None) -> list[dict]:  # noqa: ANN001
     """Run or resume ``cfg`` in its run directory; refuse a run directory that holds another config."""
-    import yaml
-
-    from fdc_mol.molecular.job import FinetuneJob
-    from fdc_mol.runlog import start_run
-    from flowmol_ext.config import check_device, dump_config
-    from flowmol_ext.io_utils import check_writable_dir
+    from flowmol_ext.config import check_device
+    from flowmol_ext.io_utils import check_writable_dir, run_dir_lock
 
     run_dir = Path(cfg.run_dir)
     check_device(cfg.device, "device")  # before any output: no run directory for an impossible device
     check_writable_dir(run_dir, "run_dir")
+    with run_dir_lock(run_dir):  # a second run into the same directory would write the same files
+        return _run_finetune_locked(cfg, run_dir, print_table, model, reward)
+
+
+def _run_finetune_locked(cfg, run_dir: Path, print_table: bool, model: Any, reward: Any) -> list[dict]:  # noqa: ANN001
+    import yaml
+
+    from fdc_mol.molecular.job import FinetuneJob
+    from fdc_mol.runlog import start_run
+    from flowmol_ext.config import dump_config
+
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = yaml.safe_load(saved.read_text())

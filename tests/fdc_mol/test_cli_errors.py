@@ -150,3 +150,26 @@ def test_data_qm9_read_only_data_dir_is_refused_first(capsys: pytest.CaptureFixt
         ro.chmod(0o755)
     assert code == 2
     _one_line_error(err, "--data-dir", "cannot write")  # before the missing input is even looked at
+
+
+def test_a_second_finetune_into_the_same_run_dir_is_refused(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Two runs into one directory would write the same files at once (found when a shell started one twice):
+    the second fails at once naming the directory and the holder; the lock goes with its holder."""
+    import os
+
+    from flowmol_ext.io_utils import run_dir_lock
+
+    run_dir = tmp_path / "ft"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run_dir), "device": "cpu", "data_dir": None}))
+    with run_dir_lock(run_dir):  # another run holds the directory
+        rc = main(["finetune", "-c", str(cfg)])
+        err = capsys.readouterr().err
+        assert rc != 0 and str(run_dir) in err and f"pid {os.getpid()}" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in run_dir.iterdir()) == [".fdc-mol.run.lock"]  # nothing written
+        with pytest.raises(ValueError, match="in use by another run"):
+            with run_dir_lock(run_dir):
+                pass
+    with run_dir_lock(run_dir):  # released: the next run gets it
+        pass
