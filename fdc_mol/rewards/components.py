@@ -31,7 +31,7 @@ gap                             eV     HOMO–LUMO gap (dxtb, autograd through t
 dipole                          D      point-charge dipole moment of the GFN charges (dxtb)
 mmff_energy                     Eh     MMFF94 energy (RDKit)
 qed                             1      RDKit QED drug-likeness (no gradient: gate or weight only)
-plugin                          any    a user function ``module:function`` (docs/plugins.md)
+plugin                          any    a user function ``module:function`` or ``entry-point:NAME`` (docs/plugins.md)
 ==============================  =====  =====================================================================
 
 Strain: E(relaxed) is the energy of the local minimum reached from x, constant while x stays in the same
@@ -68,6 +68,7 @@ __all__ = [
     "TransformConfig",
     "aggregate",
     "apply_transform",
+    "ENTRY_POINT_GROUP",
     "load_plugin",
 ]
 
@@ -106,7 +107,8 @@ class ComponentConfig(StrictModel):
 
     name: str | None = Field(None, description="column name (default: kind, or the plugin's function name)")
     kind: Kind | None = None
-    plugin: str | None = Field(None, description="'module.path:function' of a user component (docs/plugins.md)")
+    plugin: str | None = Field(None, description="'module.path:function' of a user component, or 'entry-point:NAME' "
+                               "(group fdc_mol.reward_components); docs/plugins.md")
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the plugin")
     has_gradient: bool = Field(True, description="plugins: whether the function returns position gradients")
     units: str | None = Field(None, description="plugins: units of the value (default '1')")
@@ -216,8 +218,30 @@ class ComponentValues:
     energy: np.ndarray | None = None  # energy components: the total energy E (B,) in Eh behind the value
 
 
+ENTRY_POINT_GROUP = "fdc_mol.reward_components"
+ENTRY_POINT_PREFIX = "entry-point"  # not a valid module name, so 'entry-point:NAME' cannot be a module path
+
+
 def load_plugin(path: str) -> Callable[..., Any]:
-    """Import ``'module.path:function'``; raise ValueError with one line naming the plugin on any problem."""
+    """Import ``'module.path:function'``, or load ``'entry-point:NAME'`` from the installed packages' entry points of
+    group ``fdc_mol.reward_components``; raise ValueError with one line naming the plugin on any problem."""
+    if path.startswith(ENTRY_POINT_PREFIX + ":"):
+        from importlib.metadata import entry_points
+
+        name = path.split(":", 1)[1]
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            have = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+            raise ValueError(f"plugin '{path}': no entry point '{name}' in group '{ENTRY_POINT_GROUP}' "
+                             f"(installed: {', '.join(have) or 'none'})")
+        try:
+            fn = found[0].load()
+        except Exception as err:  # noqa: BLE001 - any import problem, one line
+            raise ValueError(f"plugin '{path}': entry point '{found[0].value}' cannot be loaded "
+                             f"({_first_line(err)})") from None
+        if not callable(fn):
+            raise ValueError(f"plugin '{path}': entry point '{found[0].value}' is not callable")
+        return fn
     mod_name, _, fn_name = path.partition(":")
     if not mod_name or not fn_name:
         raise ValueError(f"plugin '{path}': expected 'module.path:function'")

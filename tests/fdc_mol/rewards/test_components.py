@@ -282,3 +282,22 @@ def test_energy_components_strain_and_mmff(qm9_molecules) -> None:  # noqa: ANN0
         np.testing.assert_allclose(res.grad[i], e.grad[i], rtol=1e-10)  # d(−E)/dx
         np.testing.assert_allclose(res.extra_grads["strain"][i], -e.grad[i], rtol=1e-10)  # ∇strain = ∇E
         np.testing.assert_allclose(res.extra_grads["ecc"][i], -e.grad[i], rtol=1e-10)
+
+
+def test_plugin_from_an_entry_point(qm9_molecules, examples_on_path, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """'entry-point:NAME' loads a function registered by an installed distribution (here a dist-info directory on
+    sys.path) under the group fdc_mol.reward_components; an unknown name gives one line listing what is there."""
+    dist = tmp_path / "fdc_plugin_demo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fdc-plugin-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fdc_mol.reward_components]\nrg = plugin_example:radius_of_gyration\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rw = ComponentReward([ComponentConfig(plugin="entry-point:rg", direction="minimize")], executor="serial")
+    res = rw(qm9_molecules[10:12])
+    direct = load_plugin("plugin_example:radius_of_gyration")(qm9_molecules[10:12], with_grad=False)
+    np.testing.assert_allclose(res.value, -direct.value)
+    assert set(res.extras) == {"rg"}
+    with pytest.raises(ValueError) as err:
+        load_plugin("entry-point:nope")
+    assert str(err.value).startswith("plugin 'entry-point:nope': no entry point 'nope' in group "
+                                     "'fdc_mol.reward_components' (installed: ") and "rg" in str(err.value)
