@@ -119,12 +119,14 @@ class RewardConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_components(self) -> RewardConfig:
+        # (the resolved config.yaml of a run holds every key with its default, so only non-defaults are errors)
         if self.components is None:
-            if "aggregate" in self.model_fields_set:
-                raise ValueError("reward.aggregate applies only with reward.components")
+            if self.aggregate != "sum":
+                raise ValueError(f"reward.aggregate {self.aggregate} applies only with reward.components")
             return self
-        if "kind" in self.model_fields_set:
-            raise ValueError("reward.kind does not apply with reward.components: give each component a kind")
+        if self.kind != "energy":
+            raise ValueError(f"reward.kind {self.kind} does not apply with reward.components: give each component a "
+                             "kind (e.g. composition_corrected_energy)")
         names = [c.label for c in self.components]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

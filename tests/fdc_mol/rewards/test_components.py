@@ -184,8 +184,10 @@ def test_schema_rejects_gradient_free_terms_with_one_line() -> None:
         line = [ln for ln in msg.splitlines() if needle in ln]
         assert len(line) == 1
     assert validate_config(RewardConfig, {"components": [{"kind": "gap"}, {"kind": "qed", "role": "weight"}]})
-    with pytest.raises(ConfigError, match="reward.kind does not apply"):
-        validate_config(RewardConfig, {"kind": "energy", "components": [{"kind": "gap"}]})
+    with pytest.raises(ConfigError, match="reward.kind composition_corrected does not apply"):
+        validate_config(RewardConfig, {"kind": "composition_corrected", "components": [{"kind": "gap"}]})
+    with pytest.raises(ConfigError, match="reward.aggregate product applies only with reward.components"):
+        validate_config(RewardConfig, {"aggregate": "product"})
     with pytest.raises(ConfigError, match="role 'objective'"):
         validate_config(RewardConfig, {"components": [{"kind": "gap", "role": "constraint"}]})
 
@@ -199,6 +201,21 @@ def test_config_without_components_is_unchanged() -> None:
     rw = make_molecular_reward(cfg.model_copy(update={"executor": "serial"}))
     assert isinstance(rw, CompositionCorrectedReward)
     rw.close()
+
+
+@pytest.mark.parametrize("name", ["gap_sq_constrained_cpu", "fdc_demo_cpu"])
+def test_resolved_config_loads_again(name: str, tmp_path: Path) -> None:
+    """The resolved config a run writes (every key, defaults included) validates again: with and without
+    components."""
+    import yaml
+
+    from fdc_mol.config import config_path
+    from flowmol_ext.config import load_config
+
+    cfg = load_config(FinetuneConfig, config_path(name))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    again = load_config(FinetuneConfig, tmp_path / "config.yaml")
+    assert again == cfg
 
 
 def test_barrier_config_must_name_a_constraint_component() -> None:
