@@ -186,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.file}: {len(records)} records")
     print(_table(metrics))
     if isinstance(metrics.get("posebusters"), dict):
-        print("PoseBusters pass rates: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in metrics["posebusters"].items()))
+        pb = metrics["posebusters"]
+        print(f"PoseBusters pass rates (of {int(pb.get('n_checked', 0))} valid molecules): "
+              + ", ".join(f"{k} {100 * v:.1f} %" for k, v in pb.items() if k not in ("n_checked", "n_failed")))
     elif "posebusters" in metrics:
         print(f"PoseBusters: {metrics['posebusters']}")
     for why, count in list(metrics.get("relax_failure_reasons", {}).items())[:10]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rdkit import Chem
 
 from fdc_mol.cli import main
 from fdc_mol.geometry import HARTREE_TO_KCAL, heavy_atom_rmsd, internal_diversity, relax_molecules
@@ -89,3 +90,21 @@ def test_process_pool_gives_the_serial_results() -> None:
     for a, b in zip(serial, pooled):
         assert a.reason == b.reason == ""
         assert abs(a.energy_relaxed - b.energy_relaxed) < 1e-9 and np.allclose(a.x_relaxed, b.x_relaxed, atol=1e-8)
+
+
+def test_posebusters_on_the_pool_gives_the_serial_rates() -> None:
+    """Chunks on two worker processes give the serial table's rates; one molecule with a clash fails the
+    steric-clash check, so the rates are not all 1 and the chunk order matters."""
+    pytest.importorskip("posebusters")
+    from fdc_mol.geometry import posebusters_pass_rates
+
+    good = [embed(s) for s in ("CCO", "c1ccccc1", "CC(=O)N", "C#N", "OCCO")]
+    bad = Chem.Mol(embed("CCCC"))
+    conf = bad.GetConformer()
+    p = conf.GetAtomPosition(0)
+    conf.SetAtomPosition(3, (p.x + 0.3, p.y, p.z))  # two carbons 0.3 Å apart
+    mols = good + [bad]
+    serial = posebusters_pass_rates(mols, workers=1)
+    pooled = posebusters_pass_rates(mols, workers=2, chunk_size=2)
+    assert serial == pooled
+    assert serial["internal_steric_clash"] == pytest.approx(5 / 6) and serial["all_checks"] < 1.0
