@@ -29,7 +29,18 @@ def load_finetune_config(config: str | Path, **overrides: Any):  # noqa: ANN201 
 
 
 def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Equal configs, with run_dir compared as resolved paths (relative vs absolute spelling)."""
+    """Equal configs, with run_dir compared as resolved paths (relative vs absolute spelling). The saved config
+    is read through today's schema first, so a run saved before a key was added (with its default) resumes."""
+    import warnings
+
+    from fdc_mol.config import FinetuneConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old = FinetuneConfig.model_validate(old).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - a saved config today's schema rejects is compared as saved (and differs)
+        pass
     a, b = dict(old), dict(new)
     ra, rb = Path(str(a.pop("run_dir", ""))).resolve(), Path(str(b.pop("run_dir", ""))).resolve()
     return a == b and ra == rb

@@ -218,6 +218,14 @@ def test_finished_run_is_not_rerun_and_run_dir_spelling_does_not_matter(tmp_path
     other = _job(tmp_path / "rel", K=1, am_steps_per_iteration=2)
     with pytest.raises(ValueError, match="different config"):
         run_finetune(other.cfg, print_table=False, model=tiny_model(), reward=counting)
+    # a run saved before keys were added (they take their defaults) is the same run
+    saved = tmp_path / "rel" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    old["evaluation"].pop("n_molecules")
+    old["reward"].pop("components", None)
+    saved.write_text(yaml.safe_dump(old))
+    rows = run_finetune(again.cfg, print_table=False, model=tiny_model(), reward=counting)
+    assert counting.calls == 0 and [r["iteration"] for r in rows] == [0, 1]
 
 
 def test_replay_positions_reproduces_the_ode_and_fixed_graph_delta(tmp_path: Path) -> None:
