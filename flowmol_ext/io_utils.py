@@ -107,28 +107,26 @@ RUN_LOCK_FILE = ".fdc-mol.run.lock"
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path, key: str = "run_dir") -> Iterator[Path]:
-    """Hold an exclusive ``fcntl.flock`` on ``<run_dir>/.fdc-mol.run.lock`` for the whole run.
+def exclusive_dir_lock(directory: Path, lock_name: str, busy: Callable[[str], str]) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on ``<directory>/<lock_name>`` (created with the folder if missing).
 
-    A second run into the same directory (same seed: it would write the same files at the same time) fails at
-    once with a ``ValueError`` naming the directory and the holder (pid, host, start time, command). The lock
-    dies with its process, so a killed run leaves no stale lock and resumes normally."""
+    The lock file records the holder (pid, host, start time, command); a second holder fails at once with
+    ``ValueError(busy(holder))``. The lock dies with its process, so a killed run leaves no stale lock."""
     import fcntl
     import socket
     import sys
     import time
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = run_dir / RUN_LOCK_FILE
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock_path = directory / lock_name
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
-            raise ValueError(f"{key} {run_dir} is in use by another run ({holder}); wait for it to finish or "
-                             f"choose another {key}") from None
+            raise ValueError(busy(holder)) from None
         info = (f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                 f"{' '.join(sys.argv)[:300]}")
         os.ftruncate(fd, 0)
@@ -136,3 +134,14 @@ def run_dir_lock(run_dir: Path, key: str = "run_dir") -> Iterator[Path]:
         yield lock_path
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, key: str = "run_dir") -> Iterator[Path]:
+    """Exclusive lock on ``<run_dir>/.fdc-mol.run.lock`` for the whole run (:func:`exclusive_dir_lock`): a second
+    run into the same directory (it would write the same files at the same time) fails at once naming the
+    directory and the holder."""
+    with exclusive_dir_lock(run_dir, RUN_LOCK_FILE, lambda holder: (
+            f"{key} {run_dir} is in use by another run ({holder}); wait for it to finish or choose another {key}")
+    ) as lock_path:
+        yield lock_path

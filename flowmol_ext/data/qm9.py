@@ -326,32 +326,17 @@ def data_dir_lock(data_dir: Path) -> Iterator[Path]:
     whole run. A second run into the same folder fails at once with a ``ValueError`` naming the
     holder (pid, host, start time, command) instead of deleting the first run's staging files. The
     lock dies with its process (no stale locks after a kill)."""
-    import fcntl
-    import socket
-    import sys
+    from flowmol_ext.io_utils import exclusive_dir_lock
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = data_dir / LOCK_FILE
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    locked = False
-    try:
+    with exclusive_dir_lock(data_dir, LOCK_FILE, lambda holder: (
+            f"{data_dir} is being processed by another run ({holder}; lock {data_dir / LOCK_FILE}); wait for it "
+            "to finish or use another --data-dir")) as lock_path:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
-            raise ValueError(f"{data_dir} is being processed by another run ({holder}; lock {lock_path}); wait "
-                             "for it to finish or use another --data-dir") from None
-        info = (f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}")
-        locked = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
-        yield lock_path
-    finally:
-        if locked and [p.name for p in data_dir.iterdir()] == [LOCK_FILE]:
-            # nothing was produced (bad input, interrupted before the commit): leave no trace
-            lock_path.unlink(missing_ok=True)
-        os.close(fd)  # releases the lock
+            yield lock_path
+        finally:
+            if [p.name for p in data_dir.iterdir()] == [LOCK_FILE]:
+                # nothing was produced (bad input, interrupted before the commit): leave no trace
+                lock_path.unlink(missing_ok=True)
 
 
 def _process_locked(
