@@ -74,20 +74,65 @@ def timestep_subset(
     return chosen.sort().values
 
 
+def _sample_rows(traj: Trajectory, keep: Tensor) -> Tensor:
+    """(N,) bool: the rows (atoms, or samples when ``traj.group`` is None) of the samples where ``keep`` (n,)."""
+    return keep if traj.group is None else keep[traj.group]
+
+
 def lean_adjoint(
     base: FlowModel,
     traj: Trajectory,
     terminal_grad: Tensor,
     running_grad_fn: Callable[[Tensor, float], Tensor] | None = None,
+    *,
+    v_base_steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Lean adjoint ã_k (k = 0..T) and the base velocities v_base(X_k, t_k) on a recorded trajectory.
 
     terminal_grad: ∇g(X_1), shape like traj.x1 (already scaled by 1/η). Returns (adj, v_base), both
     (T+1, N, ...), detached; entries at k = 0 are zero (never used). The adjoint is projected by
     ``base.project`` at every step. running_grad_fn(x, t) -> ∇f(x, t) adds a running cost −h ∇f.
+
+    Samples whose terminal gradient is zero (no reward signal: failed the gate, or outside the tail the
+    utility weights) have ã ≡ 0 at every step when there is no running cost, because the recursion is linear
+    in ã. When ``base`` offers ``select(traj, keep)`` (samples are independent in its velocity), the
+    vector–Jacobian products run on the samples with signal only, and the others get a forward pass of the
+    base model without gradients at the steps in ``v_base_steps`` (default: every step 1..T−1); their v_base
+    rows at other steps are left 0. With signal in every sample, or without ``select``, it is the full-batch
+    recursion. The two agree to float rounding (tests/fdc_mol/fdc/test_am_speed_equivalence.py).
     """
     if traj.xs is None:
         raise ValueError("lean_adjoint needs a recorded trajectory (sample with record=True)")
+    signal = per_sample_sqnorm(terminal_grad.detach(), traj) != 0  # NaN rows count as signal (they propagate)
+    select = getattr(base, "select", None)
+    n_signal = int(signal.sum())
+    if running_grad_fn is not None or select is None or n_signal == traj.n:
+        return _lean_adjoint_full(base, traj, terminal_grad, running_grad_fn)
+    adj = torch.zeros_like(traj.xs)
+    v_base = torch.zeros_like(traj.xs)
+    if n_signal > 0:
+        rows = _sample_rows(traj, signal)
+        sub = select(traj, signal)
+        adj_s, v_s = _lean_adjoint_full(base, sub, terminal_grad[rows], None)
+        adj[:, rows] = adj_s
+        v_base[:, rows] = v_s
+    rest = ~signal
+    rows = _sample_rows(traj, rest)
+    sub = select(traj, rest)
+    steps = range(1, traj.steps) if v_base_steps is None else [int(k) for k in v_base_steps.tolist()]
+    with torch.no_grad():
+        for k in steps:
+            v_base[k, rows] = base.velocity(sub.xs[k], float(traj.times[k]), k, sub)
+    return adj, v_base
+
+
+def _lean_adjoint_full(
+    base: FlowModel,
+    traj: Trajectory,
+    terminal_grad: Tensor,
+    running_grad_fn: Callable[[Tensor, float], Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """The lean-adjoint recursion on the whole batch (see :func:`lean_adjoint`)."""
     T = traj.steps
     h = 1.0 / T
     sched = base.schedule
@@ -177,6 +222,14 @@ def am_loss_for_trajectory(
     return value + (surrogate - surrogate.detach())
 
 
+def _same_parameters(fine: FlowModel, base: FlowModel) -> bool:
+    """True when ``fine`` and ``base`` hold identical parameter values (e.g. right after ``copy_frozen``)."""
+    if fine is base:
+        return True
+    pf, pb = list(fine.parameters()), list(base.parameters())
+    return len(pf) == len(pb) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(pf, pb))
+
+
 @dataclass
 class AMStepOutput:
     """One adjoint-matching step before the optimizer: the differentiable loss and what to log.
@@ -212,12 +265,22 @@ def am_step_loss(
     if g.shape != traj.x1.shape:
         raise ValueError(f"terminal_grad_fn returned shape {tuple(g.shape)}, expected {tuple(traj.x1.shape)}")
     g = torch.nan_to_num(g, nan=0.0)
-    adj, v_base = lean_adjoint(base, traj, g)
     idx = timestep_subset(cfg.steps, cfg.final_frac, cfg.random_frac,
                           timestep_generator if timestep_generator is not None else generator)
+    # v_base is needed only on the loss timesteps: samples without signal get no adjoint pass at all.
+    adj, v_base = lean_adjoint(base, traj, g, v_base_steps=idx)
     clip = None if cfg.lct is None else cfg.lct * lam**2
-    loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip)
     gnorm = per_sample_sqnorm(g, traj).sqrt()
+    signal = gnorm != 0
+    n_signal = int(signal.sum())
+    if 0 < n_signal < traj.n and hasattr(fine, "select") and _same_parameters(fine, base):
+        # fine ≡ base (the first step of every stage): v_fine − v_base ≡ 0 and ã ≡ 0 for the samples without
+        # signal, so their loss terms and parameter gradients are exactly 0; the batch mean keeps 1/n.
+        rows = _sample_rows(traj, signal)
+        sub = fine.select(traj, signal)
+        loss = am_loss_for_trajectory(fine, sub, adj[:, rows], v_base[:, rows], idx, clip=clip) * (n_signal / traj.n)
+    else:
+        loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip)
     metrics = {"loss": float(loss.detach()), "terminal_grad_norm": float(gnorm.mean()), "n_traj": float(traj.n),
                "n_signal": float((gnorm > 0).sum())}
     if "n_scored" in traj.extras:

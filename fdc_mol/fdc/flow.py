@@ -127,6 +127,10 @@ class FlowModel(Protocol):
 
     def score(self, x: Tensor, t: float, traj: Trajectory | None = None) -> Tensor: ...
 
+    # Optional: ``select(traj, keep) -> Trajectory``, the sub-trajectory of the samples where ``keep`` (n,) bool
+    # is True, for flows whose velocity treats samples independently. :func:`lean_adjoint` uses it to skip the
+    # vector–Jacobian products of samples without reward signal.
+
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
     def copy_frozen(self) -> FlowModel: ...
@@ -167,6 +171,14 @@ class EuclideanFlow(nn.Module):
 
     def project(self, v: Tensor, traj: Trajectory | None = None) -> Tensor:
         return v
+
+    def select(self, traj: Trajectory, keep: Tensor) -> Trajectory:
+        """The samples (rows) of ``traj`` where ``keep`` (n,) bool is True; the net treats rows independently."""
+        keep = keep.to(torch.bool)
+        if keep.shape != (traj.n,):
+            raise ValueError(f"keep must have shape ({traj.n},), got {tuple(keep.shape)}")
+        return Trajectory(times=traj.times, xs=None if traj.xs is None else traj.xs[:, keep], x1=traj.x1[keep],
+                          n=int(keep.sum()), sigmas=traj.sigmas)
 
     def score(self, x: Tensor, t: float, traj: Trajectory | None = None) -> Tensor:
         """s(x, t) = (v − κ_t x)/η_t ([AM] Eq. 8); use t = 1 − ε (diverges at t = 1)."""

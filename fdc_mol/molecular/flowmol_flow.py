@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fdc_mol.fdc.flow import LinearSchedule, Trajectory
 from flowmol_ext.batch import MolBatch, Molecule
-from flowmol_ext.graph import Graph, remove_com
+from flowmol_ext.graph import Graph, build_graph, remove_com
 from flowmol_ext.model.flow import FlowMol
 from flowmol_ext.model.sampler import SamplerConfig, sample_batch, sample_n_atoms
 
@@ -135,6 +135,25 @@ class FlowMolFlow(nn.Module):
             x = x + dt * self.velocity(x, t, k, ref)
         self.model.train(was_training)
         return x
+
+    def select(self, traj: Trajectory, keep: Tensor) -> Trajectory:
+        """The molecules of a recorded ``traj`` where ``keep`` (n,) bool is True, with their own graph.
+
+        Molecules are independent in the network (messages run inside each molecule), so the velocity of the
+        selection equals the rows of the full batch's velocity up to float rounding. ``context`` holds the graph
+        only (no final MolBatch)."""
+        if traj.xs is None or traj.discrete is None:
+            raise ValueError("select needs a recorded trajectory (sample with record=True)")
+        keep = keep.to(device=traj.x1.device, dtype=torch.bool)
+        if keep.shape != (traj.n,):
+            raise ValueError(f"keep must have shape ({traj.n},), got {tuple(keep.shape)}")
+        graph: Graph = traj.context["graph"]
+        nodes, edges = keep[graph.node_graph], keep[graph.edge_graph]
+        sub = build_graph(graph.n_atoms[keep.to(graph.n_atoms.device)], device=traj.x1.device)
+        d: DiscreteStates = traj.discrete
+        disc = DiscreteStates([a[nodes] for a in d.a], [c[nodes] for c in d.c], [e[edges] for e in d.e])
+        return Trajectory(times=traj.times, xs=traj.xs[:, nodes], x1=traj.x1[nodes], n=int(keep.sum()),
+                          discrete=disc, context={"graph": sub}, group=sub.node_graph, sigmas=traj.sigmas)
 
     def project(self, v: Tensor, traj: Trajectory | None) -> Tensor:
         if traj is None:

@@ -122,3 +122,122 @@ def test_stepwise_loss_equals_reference_on_cuda() -> None:
     base = fine.copy_frozen()
     _perturb(fine.model, 5)
     _compare(fine, base, n=4, steps=12, clip=None)
+
+
+# -- the signal-only adjoint: samples with zero terminal gradient skip the vector–Jacobian products -------------
+
+def _tiny_flowmol(seed: int = 0) -> FlowMolFlow:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_hidden_scalars=32, n_vec_channels=4, n_hidden_edge_feats=16, n_molecule_updates=2,
+                      rbf_dim=8, n_cp_feats=2)
+    return FlowMolFlow(FlowMol(cfg), n_atoms=7)
+
+
+def _check_signal_only(base, traj: Trajectory, g: Tensor, keep: Tensor) -> None:  # noqa: ANN001
+    from fdc_mol.fdc.adjoint_matching import _lean_adjoint_full, _sample_rows
+
+    g = g * _sample_rows(traj, keep).to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+    idx = timestep_subset(traj.steps, 0.25, 0.25, torch.Generator().manual_seed(3))
+    adj, v_base = lean_adjoint(base, traj, g, v_base_steps=idx)
+    ref_adj, ref_v = _lean_adjoint_full(base, traj, g, None)
+    rows = _sample_rows(traj, keep)
+    assert float(ref_adj[:, rows].abs().max()) > 0
+    assert torch.equal(adj[:, ~rows], torch.zeros_like(adj[:, ~rows]))  # exactly zero, as in the recursion
+    assert torch.equal(ref_adj[:, ~rows], torch.zeros_like(ref_adj[:, ~rows]))
+    torch.testing.assert_close(adj, ref_adj, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(v_base[idx], ref_v[idx], rtol=RTOL, atol=ATOL)  # what the loss reads
+    torch.testing.assert_close(v_base[:, rows], ref_v[:, rows], rtol=RTOL, atol=ATOL)
+    skipped = [k for k in range(1, traj.steps) if k not in set(idx.tolist())]
+    if not bool(keep.all()):  # the signal-only path ran: no base pass for the rest off the loss timesteps
+        assert torch.equal(v_base[skipped][:, ~rows], torch.zeros_like(v_base[skipped][:, ~rows]))
+
+
+def test_signal_only_adjoint_equals_full_batch_on_toy_flow() -> None:
+    base = make_gmm_flow([[0.5, 0.0]], [0.8], [1.0], hidden=32).copy_frozen()
+    traj = base.sample(12, 10, memoryless=True, record=True, generator=torch.Generator().manual_seed(0))
+    keep = torch.zeros(12, dtype=torch.bool)
+    keep[[1, 4, 5, 10]] = True
+    _check_signal_only(base, traj, torch.randn(traj.x1.shape), keep)
+
+
+def test_signal_only_adjoint_equals_full_batch_on_flowmol_with_mixed_sizes() -> None:
+    fine = _tiny_flowmol()
+    base = fine.copy_frozen()
+    sizes = torch.tensor([5, 9, 3, 7, 6, 8])
+    traj = fine.sample(6, 10, memoryless=True, record=True, generator=torch.Generator().manual_seed(1), sizes=sizes)
+    g = fine.project(0.05 * torch.randn(traj.x1.shape, generator=torch.Generator().manual_seed(2)), traj)
+    _check_signal_only(base, traj, g, torch.tensor([False, True, False, False, True, True]))
+    _check_signal_only(base, traj, g, torch.tensor([True, False, False, False, False, False]))
+
+
+def test_signal_only_adjoint_without_any_signal_and_with_nan_rows() -> None:
+    base = make_gmm_flow([[0.5, 0.0]], [0.8], [1.0], hidden=32).copy_frozen()
+    traj = base.sample(6, 8, memoryless=True, record=True, generator=torch.Generator().manual_seed(0))
+    adj, v_base = lean_adjoint(base, traj, torch.zeros(traj.x1.shape))
+    assert torch.equal(adj, torch.zeros_like(adj))
+    k = 5
+    torch.testing.assert_close(v_base[k], base.velocity(traj.xs[k], float(traj.times[k])))
+    g = torch.zeros(traj.x1.shape)
+    g[2, 0] = float("nan")  # NaN is not "no signal": it propagates as in the full recursion
+    adj, _ = lean_adjoint(base, traj, g)
+    assert bool(torch.isnan(adj[1:, 2]).any())
+
+
+def test_flowmol_select_gives_the_rows_of_the_full_batch_velocity() -> None:
+    fine = _tiny_flowmol(1)
+    sizes = torch.tensor([4, 8, 6, 5])
+    traj = fine.sample(4, 6, memoryless=True, record=True, generator=torch.Generator().manual_seed(4), sizes=sizes)
+    keep = torch.tensor([False, True, False, True])
+    sub = fine.select(traj, keep)
+    rows = keep[traj.group]
+    assert sub.n == 2 and sub.xs.shape == (7, 13, 3)
+    assert sub.context["graph"].n_atoms.tolist() == [8, 5]
+    for k in (1, 3, 5):
+        full = fine.velocity(traj.xs[k], float(traj.times[k]), k, traj)
+        part = fine.velocity(sub.xs[k], float(traj.times[k]), k, sub)
+        torch.testing.assert_close(part, full[rows], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="keep must have shape"):
+        fine.select(traj, torch.tensor([True, False]))
+
+
+def _tail_grad(x1: Tensor, traj: Trajectory) -> Tensor:
+    """A terminal gradient on the samples whose first coordinate (mean over rows) is above its median only."""
+    first = x1[:, 0] if traj.group is None else torch.zeros(traj.n).index_add(0, traj.group, x1[:, 0])
+    keep = first > first.median()
+    rows = keep if traj.group is None else keep[traj.group]
+    return 0.3 * x1 * rows.to(x1.dtype).unsqueeze(-1)
+
+
+def _am_step_against_full_path(fine, base, n: int, steps: int) -> None:  # noqa: ANN001
+    from fdc_mol.fdc.adjoint_matching import AMConfig, _lean_adjoint_full, am_step_loss
+
+    cfg = AMConfig(n_traj=n, steps=steps, lct=None)
+    gen = torch.Generator().manual_seed(11)
+    traj = fine.sample(n, steps, memoryless=True, record=True, generator=gen)
+    g = fine.project(_tail_grad(traj.x1, traj), traj)
+    idx = timestep_subset(steps, cfg.final_frac, cfg.random_frac, gen)
+    adj, v_base = _lean_adjoint_full(base, traj, g, None)
+    ref = am_loss_for_trajectory(fine, traj, adj, v_base, idx)
+    ref_g = _grads(fine, ref)
+    out = am_step_loss(fine, base, lambda x1, tr: fine.project(_tail_grad(x1, tr), tr), cfg,
+                       generator=torch.Generator().manual_seed(11))
+    assert 0 < out.metrics["n_signal"] < n
+    new_g = _grads(fine, out.loss)
+    torch.testing.assert_close(out.loss.detach(), ref.detach(), rtol=RTOL, atol=ATOL)
+    assert any(float(a.abs().max()) > 0 for a in ref_g)
+    for a, b in zip(new_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(1.0, float(b.abs().max())))
+
+
+def test_am_step_loss_with_partial_signal_equals_the_full_batch_path() -> None:
+    """fine ≡ base (first step of a stage: only samples with signal enter the loss) and fine ≠ base (all do)."""
+    fine = make_gmm_flow([[0.5, 0.0]], [0.8], [1.0], hidden=32)
+    base = fine.copy_frozen()
+    _am_step_against_full_path(fine, base, n=16, steps=10)
+    _perturb(fine, 3)
+    _am_step_against_full_path(fine, base, n=16, steps=10)
+    mol = _tiny_flowmol(2)
+    mol_base = mol.copy_frozen()
+    _am_step_against_full_path(mol, mol_base, n=6, steps=8)
+    _perturb(mol.model, 6)
+    _am_step_against_full_path(mol, mol_base, n=6, steps=8)
