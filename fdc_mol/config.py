@@ -175,6 +175,9 @@ class FinetuneConfig(StrictModel):
     kl_weight: float = Field(0.0, ge=0, description="α of G = F − α KL; for algorithm am the reward multiplier is 1/α")
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
     novelty_kde_weight: float = Field(0.0, ge=0, description="weight w of the KDE novelty term w·(−E log p̂)")
+    novelty_kde_components: int | None = Field(
+        4, ge=1, description="whitened principal components of the conformer descriptor the novelty KDE (and the "
+        "kde_logp_pre metrics) run on; null = the full 240-d descriptor (nearest-neighbour dominated)")
     n_fit: int = Field(5000, ge=8, description="samples per iteration for the utility's fit (and the "
                        "evaluation, unless evaluation.n_molecules is set)")
     sample_steps: int = Field(100, ge=2, description="integration steps of the evaluation/fit samples")

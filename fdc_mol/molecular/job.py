@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fdc_mol.config import FinetuneConfig
 from fdc_mol.fdc.divergences import Objective
@@ -48,6 +49,7 @@ log = logging.getLogger("fdc_mol.finetune")
 METRIC_KEYS = ("iteration", "n", "mean_reward", "mean_reward_lo", "mean_reward_hi", "sq_beta", "sq_beta_lo",
                "sq_beta_hi", "q_beta", "cvar", "paired_delta", "paired_delta_lo", "paired_delta_hi", "n_paired",
                "fixed_graph_delta", "fixed_graph_delta_lo", "fixed_graph_delta_hi", "n_fixed_graph",
+               "fixed_graph_kde_delta", "fixed_graph_kde_delta_lo", "fixed_graph_kde_delta_hi",
                "mean_energy_per_atom", "validity", "reward_fail_rate", "molecule_stability", "atom_stability",
                "uniqueness", "novelty", "composition_tv", "kde_logp_pre", "mean_n_atoms", "seconds")
 
@@ -148,7 +150,9 @@ class FinetuneJob:
         self.kde_pre: MoleculeKDE | None = None
         self.ref_traj: Trajectory | None = None  # iteration 0's recorded ODE trajectory (fixed-graph comparison)
         self.ref_rewards: np.ndarray | None = None
-        terms = [(cfg.novelty_kde_weight, ConformerNovelty())] if cfg.novelty_kde_weight > 0 else []
+        self.ref_kde_logp: np.ndarray | None = None  # leave-one-out log p̂_pre of iteration 0's conformers
+        terms = ([(cfg.novelty_kde_weight, ConformerNovelty(n_components=cfg.novelty_kde_components))]
+                 if cfg.novelty_kde_weight > 0 else [])
         self.objective = Objective(make_utility(cfg), terms=terms)
 
     def _train_smiles(self) -> set[str] | None:
@@ -248,19 +252,50 @@ class FinetuneJob:
         ``fdc-mol compare`` pairs the methods on the same molecules without sampling them again)."""
         if k == 0:
             self.ref_traj, self.ref_rewards = traj, r  # sampled with record=True at iteration 0
-            return {"fixed_graph_delta": 0.0, "fixed_graph_rewards": r}
+            self.ref_kde_logp = self._fixed_graph_kde_logp(traj.x1)
+            return {"fixed_graph_delta": 0.0, "fixed_graph_kde_delta": 0.0, "fixed_graph_rewards": r}
         if self.ref_traj is None:
             return {}
-        fixed_r = self.rewards_on(self.ref_traj, flow)
-        d = paired_difference(fixed_r, self.ref_rewards, None, self.cfg.evaluation.n_boot, seed=self.cfg.seed)
-        return {"fixed_graph_delta": d.value, "fixed_graph_delta_lo": d.low, "fixed_graph_delta_hi": d.high,
-                "n_fixed_graph": d.n, "fixed_graph_rewards": fixed_r}
+        x = flow.replay_positions(self.ref_traj)
+        fixed_r = self.rewards_on(self.ref_traj, x=x)
+        n_boot, seed = self.cfg.evaluation.n_boot, self.cfg.seed
+        d = paired_difference(fixed_r, self.ref_rewards, None, n_boot, seed=seed)
+        out: dict[str, Any] = {"fixed_graph_delta": d.value, "fixed_graph_delta_lo": d.low,
+                               "fixed_graph_delta_hi": d.high, "n_fixed_graph": d.n, "fixed_graph_rewards": fixed_r}
+        if self.ref_kde_logp is not None:
+            dk = paired_difference(self._fixed_graph_kde_logp(x), self.ref_kde_logp, None, n_boot, seed=seed)
+            out.update({"fixed_graph_kde_delta": dk.value, "fixed_graph_kde_delta_lo": dk.low,
+                        "fixed_graph_kde_delta_hi": dk.high})
+        return out
 
-    def rewards_on(self, ref: Trajectory, flow: FlowMolFlow | None = None) -> np.ndarray:
-        """Evaluation rewards (B,) of ref's molecules: with ``flow``'s geometry replayed along ref's recorded
-        discrete states (:meth:`FlowMolFlow.replay_positions`), or with ref's own positions when flow is None."""
-        x = None if flow is None else flow.replay_positions(ref)
+    def _fixed_graph_kde_logp(self, x: Tensor) -> np.ndarray | None:
+        """log p̂_pre (B,) nats of iteration 0's molecules with positions x (N, 3) Å, each molecule leaving out its
+        own iteration-0 conformer (row i of the KDE's references), so that Δ = this − the iteration-0 value is
+        the change in how typical each molecule's geometry is under the pre-trained model, on the same graphs
+        (negative = more novel conformers). NaN for a molecule with non-finite positions."""
+        ref = self.ref_traj
+        if ref is None:
+            return None
+        if self.kde_pre is None:
+            self.kde_pre = self._fit_kde_pre(ref)
+        final = ref.context["final"]
+        with torch.no_grad():
+            lp = self.kde_pre.log_prob(x, final.a, final.node_graph, ref.n, exclude_self=True)
+        return lp.double().cpu().numpy()
+
+    def rewards_on(self, ref: Trajectory, flow: FlowMolFlow | None = None, x: Tensor | None = None) -> np.ndarray:
+        """Evaluation rewards (B,) of ref's molecules: with positions ``x`` (N, 3) Å, else with ``flow``'s geometry
+        replayed along ref's recorded discrete states (:meth:`FlowMolFlow.replay_positions`), else with ref's own
+        positions."""
+        if x is None and flow is not None:
+            x = flow.replay_positions(ref)
         return np.asarray(self.reward(molecules_of(ref, x), with_grad=False).value, np.float64)
+
+    def _fit_kde_pre(self, traj: Trajectory) -> MoleculeKDE:
+        """The KDE of iteration 0's conformer descriptors (π_pre, the run's CRN sample), as the novelty term's."""
+        final = traj.context["final"]
+        return MoleculeKDE(n_components=self.cfg.novelty_kde_components).fit(traj.x1, final.a, final.node_graph,
+                                                                              traj.n)
 
     def _kde_logp_pre(self, traj: Trajectory, k: int) -> float:
         """Mean log p̂_pre of the conformer descriptors under a KDE fitted on iteration 0's samples (nats);
@@ -269,7 +304,7 @@ class FinetuneJob:
         if k == 0 or self.kde_pre is None:
             if k != 0:
                 return math.nan  # resumed without the iteration-0 sample in memory
-            self.kde_pre = MoleculeKDE().fit(traj.x1, final.a, final.node_graph, traj.n)
+            self.kde_pre = self._fit_kde_pre(traj)
             lp = self.kde_pre.log_prob(traj.x1, final.a, final.node_graph, traj.n, exclude_self=True)
         else:
             lp = self.kde_pre.log_prob(traj.x1, final.a, final.node_graph, traj.n)
@@ -335,11 +370,11 @@ class FinetuneJob:
         pre.model.load_state_dict(self.pre_state)
         primary = self.cfg.evaluation.samplers[0]
         traj = self.sample_evaluation(pre, primary, record=primary == "ode")
-        final = traj.context["final"]
-        self.kde_pre = MoleculeKDE().fit(traj.x1, final.a, final.node_graph, traj.n)
+        self.kde_pre = self._fit_kde_pre(traj)
         if primary == "ode":
             self.ref_traj = traj
             self.ref_rewards = self.rewards_on(traj)
+            self.ref_kde_logp = self._fixed_graph_kde_logp(traj.x1)
 
     def _write_report(self, rows: list[dict[str, Any]]) -> None:
         from fdc_mol.report import plot_run

@@ -68,6 +68,9 @@ def test_config_rejects_unknown_keys_and_inconsistent_methods() -> None:
         validate_config(FinetuneConfig, {"algorithm": "am", "K": 1, "kl_weight": 0.0})
     with pytest.raises(ConfigError, match="not implemented"):
         validate_config(FinetuneConfig, {"kl_weight": 0.1})
+    with pytest.raises(ConfigError, match="novelty_kde_components"):
+        validate_config(FinetuneConfig, {"novelty_kde_components": 0})
+    assert validate_config(FinetuneConfig, {"novelty_kde_components": None}).novelty_kde_components is None
 
 
 def test_deprecated_keys_load_with_a_message_naming_the_new_key() -> None:
@@ -246,6 +249,15 @@ def test_replay_positions_reproduces_the_ode_and_fixed_graph_delta(tmp_path: Pat
     r = np.asarray(CompactnessReward()(molecules_of(job.ref_traj, x)).value)
     assert row1["fixed_graph_delta"] == pytest.approx(float(np.mean(r - job.ref_rewards)), rel=1e-6)
     assert row1["n_fixed_graph"] == job.cfg.n_fit
+    # the conformer-novelty metric on the same molecules: leave-own-reference-out log p̂_pre, new minus old
+    final = job.ref_traj.context["final"]
+    kde = job.kde_pre
+    assert kde.projection is not None and kde.projection.shape[1] == job.cfg.novelty_kde_components
+    lp0 = kde.log_prob(job.ref_traj.x1, final.a, final.node_graph, job.ref_traj.n, exclude_self=True)
+    lp1 = kde.log_prob(x, final.a, final.node_graph, job.ref_traj.n, exclude_self=True)
+    assert row0["fixed_graph_kde_delta"] == 0.0
+    assert row1["fixed_graph_kde_delta"] == pytest.approx(float((lp1 - lp0).double().mean()), rel=1e-5)
+    assert row1["fixed_graph_kde_delta_lo"] <= row1["fixed_graph_kde_delta"] <= row1["fixed_graph_kde_delta_hi"]
 
 
 def test_paired_bootstrap_of_a_statistic() -> None:
@@ -271,5 +283,6 @@ def test_evaluation_size_is_separate_from_the_fit_size(tmp_path: Path) -> None:
     row1, (traj1, _) = job.evaluate(job.flow, 1)
     assert torch.equal(traj0.x1, traj1.x1) and row1["n_fixed_graph"] == 20
     assert row1["fixed_graph_delta"] == pytest.approx(0.0, abs=1e-5)  # the replay equals the ODE up to rounding
+    assert row1["fixed_graph_kde_delta"] == pytest.approx(0.0, abs=1e-3)  # same conformers: same log p̂_pre
     ctx = job.fit_context(job.flow, job.flow, 1, None)  # fit_sampler am: n_fit fresh trajectories
     assert ctx.rewards.numel() == 12

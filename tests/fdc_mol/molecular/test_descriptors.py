@@ -234,3 +234,50 @@ def test_molecule_kde_matches_plain_kde_on_fixed_batch() -> None:
     plain = KDE(feature_map=ConformerDescriptor(a_ref, g_ref, 16)).fit(x_ref)
     torch.testing.assert_close(mk.log_prob(x_ref, a_ref, g_ref, 16), plain.log_prob(x_ref))
     torch.testing.assert_close(mk.grad_log_prob(x_ref, a_ref, g_ref, 16), plain.grad_log_prob(x_ref))
+
+
+def test_pca_whitened_kde_matches_numpy_projection_and_whitens_the_references() -> None:
+    import numpy as np
+
+    from fdc_mol.fdc.density import KDE
+
+    x_ref, a_ref, g_ref = _copies(_MOL_X, _MOL_A, 32, noise=0.05, seed=14)
+    mk = MoleculeKDE(n_components=3).fit(x_ref, a_ref, g_ref, 32)
+    f = ConformerDescriptor(a_ref, g_ref, 32)(x_ref).double().numpy()
+    # numpy reference: eigenvectors of the sample covariance, largest first, scaled by 1/sqrt(eigenvalue)
+    lam, vec = np.linalg.eigh(np.cov(f, rowvar=False))
+    order = np.argsort(lam)[::-1][:3]
+    z_np = (f - f.mean(0)) @ (vec[:, order] / np.sqrt(lam[order]))
+    z = mk.features(x_ref, a_ref, g_ref, 32).double().numpy()
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(3), atol=1e-4)  # whitened
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.abs(z), np.abs(z_np), rtol=1e-3, atol=1e-3)  # same axes up to sign
+    plain = KDE(bandwidth="scott").fit(torch.as_tensor(z_np, dtype=torch.float32))
+    torch.testing.assert_close(mk.log_prob(x_ref, a_ref, g_ref, 32, exclude_self=True),
+                               plain.log_prob(torch.as_tensor(z_np, dtype=torch.float32), exclude_self=True),
+                               rtol=1e-4, atol=1e-3)
+    # Scott's bandwidth on unit-variance components: m^(-1/(k+4)) in every component
+    torch.testing.assert_close(mk.bandwidth, torch.full((3,), 32 ** (-1 / 7)), rtol=1e-4, atol=1e-5)
+    # at most m - 1 components carry variance
+    few = MoleculeKDE(n_components=10).fit(*_copies(_MOL_X, _MOL_A, 4, noise=0.05, seed=15), 4)
+    assert few.projection.shape == (D, 3)
+    with pytest.raises(ValueError, match="n_components"):
+        MoleculeKDE(n_components=0)
+
+
+def test_pca_kde_gradient_is_the_directional_derivative() -> None:
+    x_ref, a_ref, g_ref = _copies(_MOL_X, _MOL_A, 48, noise=0.05, seed=16)
+    kde = MoleculeKDE(n_components=4).fit(x_ref, a_ref, g_ref, 48)
+    centred = _MOL_X - _MOL_X.mean(0)
+    noise = torch.randn(_MOL_X.shape, generator=torch.Generator().manual_seed(3))
+    x = torch.cat([centred * 1.04, _MOL_X + 0.05 * noise])
+    a, group = _MOL_A.repeat(2), torch.arange(2).repeat_interleave(9)
+    x64 = x.double()
+    kde.kde.ref, kde.kde.h = kde.kde.ref.double(), kde.kde.h.double()
+    kde.mean, kde.projection = kde.mean.double(), kde.projection.double()
+    grad = kde.grad_log_prob(x64, a, group, 2)
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eps = 1e-5
+    fd = (kde.log_prob(x64 + eps * d, a, group, 2) - kde.log_prob(x64 - eps * d, a, group, 2)) / (2 * eps)
+    analytic = torch.zeros(2, dtype=torch.float64).index_add_(0, group, (grad * d).sum(-1))
+    torch.testing.assert_close(fd, analytic, rtol=1e-5, atol=1e-7)
