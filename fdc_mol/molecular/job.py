@@ -196,8 +196,9 @@ class FinetuneJob:
             if si == 0 and sampler == "ode":
                 fixed = self._fixed_graph_delta(flow, traj, r, k)
             arrays = {"rewards": r, "graph_keys": keys, "element_counts": counts, "n_atoms": n_at}
-            if "fixed_graph_rewards" in fixed:
-                arrays["fixed_graph_rewards"] = fixed.pop("fixed_graph_rewards")
+            for name in ("fixed_graph_rewards", "fixed_graph_kde_logp"):  # per molecule, into the npz
+                if name in fixed:
+                    arrays[name] = fixed.pop(name)
             _save_npz(self._arrays_path(k, sampler), **arrays)
             if k == 0 or sampler not in self.reference:
                 ref_path = self._arrays_path(0, sampler)
@@ -249,11 +250,16 @@ class FinetuneJob:
         model integrates positions along it (:meth:`FlowMolFlow.replay_positions`) and the same molecules are
         scored again. Keys: fixed_graph_delta (Eh, mean over molecules finite in both) with its 95 % interval,
         and fixed_graph_rewards (B,), the per-molecule rewards (saved in the iteration's npz, so that
-        ``fdc-mol compare`` pairs the methods on the same molecules without sampling them again)."""
+        ``fdc-mol compare`` pairs the methods on the same molecules without sampling them again); likewise
+        fixed_graph_kde_delta (nats) and the per-molecule fixed_graph_kde_logp (B,), see
+        :meth:`_fixed_graph_kde_logp`."""
         if k == 0:
             self.ref_traj, self.ref_rewards = traj, r  # sampled with record=True at iteration 0
             self.ref_kde_logp = self._fixed_graph_kde_logp(traj.x1)
-            return {"fixed_graph_delta": 0.0, "fixed_graph_kde_delta": 0.0, "fixed_graph_rewards": r}
+            out0: dict[str, Any] = {"fixed_graph_delta": 0.0, "fixed_graph_kde_delta": 0.0, "fixed_graph_rewards": r}
+            if self.ref_kde_logp is not None:
+                out0["fixed_graph_kde_logp"] = self.ref_kde_logp
+            return out0
         if self.ref_traj is None:
             return {}
         x = flow.replay_positions(self.ref_traj)
@@ -262,10 +268,11 @@ class FinetuneJob:
         d = paired_difference(fixed_r, self.ref_rewards, None, n_boot, seed=seed)
         out: dict[str, Any] = {"fixed_graph_delta": d.value, "fixed_graph_delta_lo": d.low,
                                "fixed_graph_delta_hi": d.high, "n_fixed_graph": d.n, "fixed_graph_rewards": fixed_r}
-        if self.ref_kde_logp is not None:
-            dk = paired_difference(self._fixed_graph_kde_logp(x), self.ref_kde_logp, None, n_boot, seed=seed)
+        lp = self._fixed_graph_kde_logp(x)
+        if self.ref_kde_logp is not None and lp is not None:
+            dk = paired_difference(lp, self.ref_kde_logp, None, n_boot, seed=seed)
             out.update({"fixed_graph_kde_delta": dk.value, "fixed_graph_kde_delta_lo": dk.low,
-                        "fixed_graph_kde_delta_hi": dk.high})
+                        "fixed_graph_kde_delta_hi": dk.high, "fixed_graph_kde_logp": lp})
         return out
 
     def _fixed_graph_kde_logp(self, x: Tensor) -> np.ndarray | None:

@@ -258,6 +258,9 @@ def test_replay_positions_reproduces_the_ode_and_fixed_graph_delta(tmp_path: Pat
     assert row0["fixed_graph_kde_delta"] == 0.0
     assert row1["fixed_graph_kde_delta"] == pytest.approx(float((lp1 - lp0).double().mean()), rel=1e-5)
     assert row1["fixed_graph_kde_delta_lo"] <= row1["fixed_graph_kde_delta"] <= row1["fixed_graph_kde_delta_hi"]
+    saved = np.load(job.run_dir / "samples" / "iteration_001_ode.npz")
+    np.testing.assert_allclose(saved["fixed_graph_kde_logp"], lp1.double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(saved["fixed_graph_rewards"], r, rtol=1e-6)
 
 
 def test_paired_bootstrap_of_a_statistic() -> None:
