@@ -164,8 +164,40 @@ def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
     return t
 
 
+def loaded_openmp_libraries() -> list[str]:
+    """Paths of the OpenMP runtimes (libgomp, libiomp, libomp) mapped into this process (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if len(line.split()) >= 6}
+    except OSError:
+        return []
+    return sorted(p for p in paths if any(n in os.path.basename(p) for n in ("libgomp", "libiomp", "libomp")))
+
+
+def single_thread_openmp() -> list[str]:
+    """Set every loaded OpenMP runtime to one thread (``omp_set_num_threads(1)``); returns the libraries set.
+
+    A forked child inherits the parent's OpenMP thread pool as bookkeeping without its threads. When the parent
+    had run a parallel region on more than one thread (e.g. torch in the same process, whose libgomp tblite then
+    shares) and the child opens a multi-threaded region (tblite's repulsion), libgomp waits forever on threads
+    that do not exist (observed: the engine child stuck in futex_wait inside libgomp until the watchdog killed
+    it). One thread never touches the pool. Environment variables are too late here: the runtime already read them.
+    """
+    import ctypes
+
+    done = []
+    for path in loaded_openmp_libraries():
+        try:
+            ctypes.CDLL(path).omp_set_num_threads(1)
+            done.append(path)
+        except (OSError, AttributeError):
+            continue
+    return done
+
+
 def _child_main(specs: list[MolSpec], todo: list[int], s: RewardSettings, conn, parent_pid: int) -> None:  # noqa: ANN001
     try:
+        single_thread_openmp()  # before any engine call: the inherited OpenMP pool has no threads
         watch_parent(parent_pid)  # the engine child dies with its worker
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)

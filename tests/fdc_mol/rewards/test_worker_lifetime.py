@@ -108,3 +108,51 @@ def test_script_without_main_guard_gets_rewards_and_a_clear_warning(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     assert "OK True" in proc.stdout, proc.stdout + proc.stderr
     assert 'if __name__ == "__main__":' in proc.stderr and "serial" in proc.stderr
+
+
+FORKED_AFTER_OPENMP = r"""
+import os, sys, time
+os.environ["OMP_NUM_THREADS"] = "2"
+import torch
+torch.set_num_threads(2)
+x = torch.randn(1500, 1500)
+for _ in range(3):
+    (x @ x).sum()  # OpenMP parallel regions on 2 threads in this process (torch's libgomp, which tblite shares)
+sys.path.insert(0, sys.argv[1])
+from conftest import qm9_rows, molecule_from_xyz
+from fdc_mol.rewards import make_reward
+mols = [molecule_from_xyz(e, xyz) for e, xyz, _ in qm9_rows(28)[20:28]]
+res = make_reward("gfn1", executor="serial", timeout_s=10.0)(mols)  # each chunk in a forked watchdog child
+print("OK", int(res.ok.sum()), len(mols), [r for r in res.reason if r][:1])
+"""
+
+
+def test_forked_engine_child_after_multithreaded_openmp_in_the_parent_does_not_hang(tmp_path: Path) -> None:
+    """Regression: a watchdog child forked from a process whose libgomp had run 2-thread regions hung in tblite's
+    first parallel region (futex wait on pool threads that do not exist after fork) until the timeout killed it,
+    so every molecule of ``executor: serial`` came back as a timeout. The child now sets OpenMP to one thread."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_AFTER_OPENMP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK 8 8 []" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_single_thread_openmp_sets_every_loaded_runtime() -> None:
+    import ctypes
+
+    import torch  # noqa: F401  (loads torch's libgomp)
+
+    from fdc_mol.rewards.worker import loaded_openmp_libraries, single_thread_openmp
+
+    libs = loaded_openmp_libraries()
+    assert any("gomp" in p or "omp" in p for p in libs)
+    before = [ctypes.CDLL(p).omp_get_max_threads() for p in libs]
+    try:
+        assert single_thread_openmp() == libs
+        assert all(ctypes.CDLL(p).omp_get_max_threads() == 1 for p in libs)
+    finally:
+        for p, n in zip(libs, before):
+            ctypes.CDLL(p).omp_set_num_threads(n)
