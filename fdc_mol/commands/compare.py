@@ -119,6 +119,25 @@ def _recorded_fixed_graph_rewards(args: argparse.Namespace, names: list[str], di
     return {"pre-trained": ref["rewards"], **out}
 
 
+def _recorded_fixed_graph_kde(names: list[str], dirs: dict[str, Path], last: dict[str, int]) -> dict[str, Any] | None:
+    """Per-molecule leave-own-reference-out log p̂_pre (nats) of the same molecules, as each run saved it at its
+    last iteration (``pre-trained`` = iteration 0's), or None unless every run saved it (runs from before the
+    novelty metric, or with the rewards resampled)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for n in names:
+        paths = [dirs[n] / "samples" / f"iteration_{k:03d}_ode.npz" for k in (0, last[n])]
+        if not all(p.is_file() for p in paths):
+            return None
+        a0, ak = dict(np.load(paths[0])), dict(np.load(paths[1]))
+        if "fixed_graph_kde_logp" not in a0 or "fixed_graph_kde_logp" not in ak:
+            return None
+        out.setdefault("pre-trained", a0["fixed_graph_kde_logp"])
+        out[n] = ak["fixed_graph_kde_logp"]
+    return out
+
+
 def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
     """Per seed: the pre-trained ODE sample's molecules (recorded discrete trajectory) re-integrated with each
     method's final positions network; SQ_β and the mean of the SAME molecules' rewards, with paired bootstrap
@@ -139,6 +158,10 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
             continue
         cfg = load_finetune_config(args.config[0], run_dir=dirs[names[0]], seed=seed)
         rewards = _recorded_fixed_graph_rewards(args, names, dirs, seed)
+        kde = None
+        if rewards is not None:
+            last = {n: load_finetune_config(c, run_dir=dirs[n], seed=seed).K for n, c in zip(names, args.config)}
+            kde = _recorded_fixed_graph_kde(names, dirs, last)
         if rewards is None:  # runs from before the per-molecule arrays were saved: sample and score again
             job = FinetuneJob(cfg)
             try:
@@ -161,19 +184,27 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
         for a, b in pairs:
             dsq = paired_bootstrap(rewards[a], rewards[b], sq, cfg.evaluation.n_boot, seed=seed)
             dmean = paired_bootstrap(rewards[a], rewards[b], np.mean, cfg.evaluation.n_boot, seed=seed)
-            rows.append({"seed": seed, "a": a, "b": b, "sq_a": sq(rewards[a]), "sq_b": sq(rewards[b]),
-                         "d_sq": dsq.value, "d_sq_lo": dsq.low, "d_sq_hi": dsq.high, "d_mean": dmean.value,
-                         "d_mean_lo": dmean.low, "d_mean_hi": dmean.high, "n": dsq.n})
-            body.append([seed, f"{a} − {b}", f"{dsq.value:+.4g} [{dsq.low:+.4g}, {dsq.high:+.4g}]",
-                         f"{dmean.value:+.4g} [{dmean.low:+.4g}, {dmean.high:+.4g}]", dsq.n])
+            row = {"seed": seed, "a": a, "b": b, "sq_a": sq(rewards[a]), "sq_b": sq(rewards[b]),
+                   "d_sq": dsq.value, "d_sq_lo": dsq.low, "d_sq_hi": dsq.high, "d_mean": dmean.value,
+                   "d_mean_lo": dmean.low, "d_mean_hi": dmean.high, "n": dsq.n}
+            line = [seed, f"{a} − {b}", f"{dsq.value:+.4g} [{dsq.low:+.4g}, {dsq.high:+.4g}]",
+                    f"{dmean.value:+.4g} [{dmean.low:+.4g}, {dmean.high:+.4g}]", dsq.n, ""]
+            if kde is not None:  # conformer novelty of the same molecules: Δ log p̂_pre, lower = more novel
+                dk = paired_bootstrap(kde[a], kde[b], np.mean, cfg.evaluation.n_boot, seed=seed)
+                row.update({"d_kde_logp": dk.value, "d_kde_logp_lo": dk.low, "d_kde_logp_hi": dk.high})
+                line[-1] = f"{dk.value:+.3g} [{dk.low:+.3g}, {dk.high:+.3g}]"
+            rows.append(row)
+            body.append(line)
     if not rows:
         return
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # runs without the novelty arrays leave it blank
+    w = csv.DictWriter(buf, fieldnames=fields, restval="")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(args.out / "fixed_graph.csv", buf.getvalue())
     print(f"\nfixed graphs: the pre-trained ODE sample's molecules (sizes, noise, types, charges, bonds) with each "
           f"model's geometry (ODE along the recorded discrete states); paired bootstrap 95 % CI; "
           f"{args.out / 'fixed_graph.csv'}")
-    print(format_table(["seed", "difference", "Δ SQ_β (Eh)", "Δ E[r] (Eh)", "molecules"], body))
+    print(format_table(["seed", "difference", "Δ SQ_β (Eh)", "Δ E[r] (Eh)", "molecules",
+                        "Δ log p̂_pre (nats)"], body))

@@ -41,6 +41,15 @@ def test_compare_two_methods_one_seed(tmp_path: Path, capsys: pytest.CaptureFixt
     for r in fixed:
         assert float(r["d_sq_lo"]) <= float(r["d_sq"]) <= float(r["d_sq_hi"])
         assert float(r["d_sq"]) == pytest.approx(float(r["sq_a"]) - float(r["sq_b"]))
+    # conformer novelty of the same molecules (mean Δ log p̂_pre is linear: FDC − AM = (FDC − pre) − (AM − pre))
+    import numpy as np
+
+    d = {(r["a"], r["b"]): float(r["d_kde_logp"]) for r in fixed}
+    assert d[("tiny_fdc", "tiny_am")] == pytest.approx(d[("tiny_fdc", "pre-trained")] - d[("tiny_am", "pre-trained")],
+                                                      abs=1e-9)
+    lp0 = np.load(out / "tiny_fdc_s0" / "samples" / "iteration_000_ode.npz")["fixed_graph_kde_logp"]
+    lp1 = np.load(out / "tiny_fdc_s0" / "samples" / "iteration_001_ode.npz")["fixed_graph_kde_logp"]
+    assert d[("tiny_fdc", "pre-trained")] == pytest.approx(float(np.mean(lp1 - lp0)), rel=1e-9)
     # the recorded per-molecule arrays give what sampling the molecules again gives (same CRN draws)
     from fdc_mol.commands import compare as compare_cmd
 
