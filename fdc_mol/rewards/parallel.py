@@ -75,6 +75,22 @@ def _bootstrapping_worker() -> bool:
     return bool(getattr(mp.current_process(), "_inheriting", False))
 
 
+def _unguarded_marker(parent_pid: int) -> str:
+    """Path of the file a spawned worker leaves for ``parent_pid`` when the main script has no guard."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"fdc-mol-unguarded-main-{parent_pid}")
+
+
+def _remove_unguarded_marker(pid: int) -> bool:
+    """Remove this process's unguarded-main marker; True if there was one."""
+    try:
+        os.remove(_unguarded_marker(pid))
+        return True
+    except OSError:
+        return False
+
+
 class LocalPool(ProcessPoolExecutor):
     """A process pool (spawn start method) whose workers run one OpenMP thread each and exit with
     their parent."""
@@ -84,9 +100,15 @@ class LocalPool(ProcessPoolExecutor):
 
         if _bootstrapping_worker():
             # We are a spawned worker re-running an unguarded main script: starting a pool here would
-            # recurse. Tell the user and let the parent fall back to serial evaluation.
+            # recurse. Tell the user and let the parent fall back to serial evaluation. The marker file
+            # tells the parent even when the pool reports the break before this exit status is seen.
             print(f"fdc-mol reward worker: {_UNGUARDED_HELP}", file=sys.stderr, flush=True)
+            try:
+                open(_unguarded_marker(os.getppid()), "w").close()
+            except OSError:
+                pass
             os._exit(UNGUARDED_MAIN_EXIT)
+        _remove_unguarded_marker(os.getpid())  # a stale marker of an earlier process with this pid
         self.n_workers = int(max_workers)
         self._all_processes: list = []
         super().__init__(max_workers=self.n_workers, mp_context=mp.get_context("spawn"),
@@ -103,6 +125,8 @@ class LocalPool(ProcessPoolExecutor):
 
     def unguarded_main(self) -> bool:
         """True if a worker exited because the main script has no ``__main__`` guard."""
+        if _remove_unguarded_marker(os.getpid()):
+            self._saw_unguarded = True
         if getattr(self, "_saw_unguarded", False):
             return True
         for p in self._all_processes:

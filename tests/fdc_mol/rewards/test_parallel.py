@@ -142,3 +142,21 @@ def test_dask_local_cluster_on_loopback(qm9_molecules) -> None:
             _assert_same(res, _reference(mols[::-1]))
             res = reward(mols)
             _assert_same(res, ref)
+
+
+def test_unguarded_main_is_detected_from_the_workers_marker_file() -> None:
+    """A spawned worker that finds an unguarded main script leaves a marker for its parent, so the parent falls back
+    to serial evaluation even when the broken pool is reported before the worker's exit status is seen."""
+    from fdc_mol.rewards.parallel import _unguarded_marker
+
+    pool = LocalPool(1)
+    try:
+        assert not pool.unguarded_main()
+        open(_unguarded_marker(os.getpid()), "w").close()  # what the worker writes before exiting
+        assert pool.unguarded_main() and not os.path.exists(_unguarded_marker(os.getpid()))
+        assert pool.unguarded_main()  # remembered
+    finally:
+        pool.shutdown()
+    open(_unguarded_marker(os.getpid()), "w").close()
+    LocalPool(1).shutdown()  # a new pool clears a stale marker left under this pid
+    assert not os.path.exists(_unguarded_marker(os.getpid()))
