@@ -282,7 +282,7 @@ def am_step_loss(
     else:
         loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip)
     metrics = {"loss": float(loss.detach()), "terminal_grad_norm": float(gnorm.mean()), "n_traj": float(traj.n),
-               "n_signal": float((gnorm > 0).sum())}
+               "n_signal": float(n_signal)}
     if "n_scored" in traj.extras:
         metrics["n_scored"] = float(traj.extras["n_scored"])
     return AMStepOutput(loss=loss, metrics=metrics)

@@ -255,6 +255,7 @@ class FinetuneJob:
         :meth:`_fixed_graph_kde_logp`."""
         if k == 0:
             self.ref_traj, self.ref_rewards = traj, r  # sampled with record=True at iteration 0
+            self.kde_pre = self._fit_kde_pre(traj)  # the one fit of iteration 0 (_kde_logp_pre reuses it)
             self.ref_kde_logp = self._fixed_graph_kde_logp(traj.x1)
             out0: dict[str, Any] = {"fixed_graph_delta": 0.0, "fixed_graph_kde_delta": 0.0, "fixed_graph_rewards": r}
             if self.ref_kde_logp is not None:
@@ -281,10 +282,8 @@ class FinetuneJob:
         the change in how typical each molecule's geometry is under the pre-trained model, on the same graphs
         (negative = more novel conformers). NaN for a molecule with non-finite positions."""
         ref = self.ref_traj
-        if ref is None:
+        if ref is None or self.kde_pre is None:
             return None
-        if self.kde_pre is None:
-            self.kde_pre = self._fit_kde_pre(ref)
         final = ref.context["final"]
         with torch.no_grad():
             lp = self.kde_pre.log_prob(x, final.a, final.node_graph, ref.n, exclude_self=True)
@@ -311,7 +310,8 @@ class FinetuneJob:
         if k == 0 or self.kde_pre is None:
             if k != 0:
                 return math.nan  # resumed without the iteration-0 sample in memory
-            self.kde_pre = self._fit_kde_pre(traj)
+            if self.kde_pre is None or self.ref_traj is not traj:  # not fitted on this sample by _fixed_graph_delta
+                self.kde_pre = self._fit_kde_pre(traj)
             lp = self.kde_pre.log_prob(traj.x1, final.a, final.node_graph, traj.n, exclude_self=True)
         else:
             lp = self.kde_pre.log_prob(traj.x1, final.a, final.node_graph, traj.n)
