@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -38,12 +39,18 @@ log = logging.getLogger(__name__)
 
 
 class OptimConfig(StrictModel):
-    """Adam with constant learning rate after an optional linear warm-up (FlowMol2 recipe)."""
+    """Adam with an optional linear warm-up, then a constant learning rate (FlowMol2 recipe) or a
+    cosine decay to ``final_lr_frac * lr`` over ``decay_steps`` steps (held there afterwards)."""
 
     lr: float = Field(default=2.5e-4, gt=0.0)
     weight_decay: float = Field(default=1e-12, ge=0.0)
     grad_clip_value: float = Field(default=1.0, gt=0.0)  # clip by value, as FlowMol (gradient_clip_algorithm="value")
     warmup_steps: int = Field(default=0, ge=0)
+    # Cosine decay after the warm-up: lr(s) = lr * (f + (1 - f) * (1 + cos(pi * min(1, s'/D))) / 2),
+    # s' = s - warmup_steps, D = decay_steps, f = final_lr_frac. None: constant (the FlowMol2 recipe).
+    # Steps count from the start of this run (a continuation with init_from decays from its first step).
+    decay_steps: int | None = Field(default=None, ge=1)
+    final_lr_frac: float = Field(default=0.1, ge=0.0, le=1.0)
     # Exponential moving average of the weights (None: off). When on, validation, sampling and every
     # exported model directory use the EMA weights; the decay ramps as min(d, (1+n)/(10+n)) at step n.
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -212,10 +219,21 @@ class FlowMolModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
         opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if o.warmup_steps <= 0:
+        if o.warmup_steps <= 0 and o.decay_steps is None:
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / o.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(o, s))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_factor(o: OptimConfig, step: int) -> float:
+    """Multiplier of ``o.lr`` for optimiser step ``step`` (0-based): linear warm-up, then constant
+    or cosine decay to ``o.final_lr_frac`` (see :class:`OptimConfig`)."""
+    if o.warmup_steps > 0 and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.decay_steps is None:
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / o.decay_steps)
+    return o.final_lr_frac + (1.0 - o.final_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class ExportModelDir(pl.Callback):
