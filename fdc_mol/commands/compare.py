@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summarize", action="store_true", help="only tabulate finished runs")
     p.add_argument("--no-fixed-graph", action="store_true",
                    help="skip the fixed-graph comparison (each final model's geometry on the same molecules)")
+    p.add_argument("--crn-samplers", nargs="+", choices=["ode", "sde"], default=[],
+                   help="also compare fresh samples per sampler with common random numbers (CRN-paired bootstrap "
+                        "of SQ_β and E[r] differences); a sampler the runs did not record is evaluated now for "
+                        "the pre-trained and each final model, cached under OUT/crn_<sampler>/")
 
 
 def mean_std(vals: list[float]) -> str:
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(["seed", "method", "SQ_β", "paired Δr"], body))
     if not args.no_fixed_graph:
         fixed_graph_comparison(args, names)
+    for sampler in args.crn_samplers:
+        crn_sampler_comparison(args, names, sampler)
     return 0
 
 
@@ -208,3 +214,123 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
           f"{args.out / 'fixed_graph.csv'}")
     print(format_table(["seed", "difference", "Δ SQ_β (Eh)", "Δ E[r] (Eh)", "molecules",
                         "Δ log p̂_pre (nats)"], body))
+
+
+_CRN_METRICS = ("validity", "molecule_stability", "uniqueness")
+
+
+def _crn_sample(args: argparse.Namespace, names: list[str], seed: int, sampler: str) -> dict[str, dict[str, Any]]:
+    """Per model (``pre-trained`` and each method's final model) of one seed: the per-molecule rewards of its
+    evaluation sample with ``sampler`` (the runs' CRN sizes, noise and CTMC draws) and its validity, molecule
+    stability and uniqueness. Taken from the runs' records when they evaluated this sampler; otherwise sampled
+    and scored now and cached in ``OUT/crn_<sampler>/s<seed>_<model>.npz`` (a rerun reads the cache)."""
+    import numpy as np
+
+    from fdc_mol.commands.finetune import load_finetune_config
+
+    dirs = {n: args.out / f"{n}_s{seed}" for n in names}
+    cfgs = {n: load_finetune_config(c, run_dir=dirs[n], seed=seed) for n, c in zip(names, args.config)}
+    out: dict[str, dict[str, Any]] = {}
+    if all(sampler in c.evaluation.samplers for c in cfgs.values()):
+        for n in names:
+            rows = list(csv.DictReader(open(dirs[n] / "metrics.csv")))
+            prefix = "" if cfgs[n].evaluation.samplers[0] == sampler else f"{sampler}_"
+            for model, k, row in (("pre-trained", 0, rows[0]), (n, cfgs[n].K, rows[-1])):
+                if model in out:
+                    continue
+                arr = np.load(dirs[n] / "samples" / f"iteration_{k:03d}_{sampler}.npz")
+                out[model] = {"rewards": arr["rewards"], **{m: float(row[prefix + m]) for m in _CRN_METRICS}}
+        return out
+    cache = args.out / f"crn_{sampler}"
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = {m: cache / f"s{seed}_{m}.npz" for m in ["pre-trained", *names]}
+    if all(p.is_file() for p in paths.values()):
+        return {m: {k: (v if k == "rewards" else float(v)) for k, v in np.load(p).items()} for m, p in paths.items()}
+    from fdc_mol.molecular.job import FinetuneJob
+    from fdc_mol.molecular.reward_oracle import molecules_of
+    from flowmol_ext.io_utils import atomic_write_bytes
+    from flowmol_ext.metrics import evaluate_molecules
+    from flowmol_ext.pretrained import load_model_dir
+
+    job = FinetuneJob(cfgs[names[0]])
+    try:
+        for m, p in paths.items():
+            if p.is_file():
+                out[m] = {k: (v if k == "rewards" else float(v)) for k, v in np.load(p).items()}
+                continue
+            flow = job.flow
+            if m != "pre-trained":
+                flow = job.flow.copy_frozen()
+                flow.model.load_state_dict(load_model_dir(dirs[m] / "model").state_dict())
+            mols = molecules_of(job.sample_evaluation(flow, sampler))
+            r = np.asarray(job.reward(mols, with_grad=False).value, dtype=np.float64)
+            met = evaluate_molecules(mols, train_smiles=job.train_smiles, train_smiles_canonical=True)
+            out[m] = {"rewards": r, **{k: float(met[k]) for k in _CRN_METRICS}}
+            buf = io.BytesIO()
+            np.savez(buf, **out[m])
+            atomic_write_bytes(p, buf.getvalue())
+    finally:
+        close = getattr(job.reward, "close", None)
+        if close:
+            close()
+    return out
+
+
+def crn_sampler_comparison(args: argparse.Namespace, names: list[str], sampler: str) -> None:
+    """Per seed, fresh samples of the pre-trained and each final model with ``sampler`` under common random
+    numbers: SQ_β and E[r] with bootstrap 95 % intervals, validity, molecule stability, uniqueness, and the
+    CRN-paired bootstrap of the differences (method − pre-trained, first − second method). The graphs of
+    fresh samples differ between models, so these differences include composition changes; the fixed-graph
+    table is the paired geometry-only comparison. Writes ``OUT/crn_<sampler>.csv``."""
+    import numpy as np
+
+    from fdc_mol.commands.finetune import load_finetune_config
+    from fdc_mol.molecular.statistics import bootstrap, crn_bootstrap, superquantile
+    from fdc_mol.report import format_table
+    from flowmol_ext.io_utils import atomic_write_text
+
+    rows, body, diffs = [], [], []
+    for seed in args.seeds:
+        if not all((args.out / f"{n}_s{seed}" / "model").is_dir() for n in names):
+            continue
+        cfg = load_finetune_config(args.config[0], run_dir=args.out / f"{names[0]}_s{seed}", seed=seed)
+        beta, n_boot = cfg.utility.beta, cfg.evaluation.n_boot
+
+        def sq(v: np.ndarray, b: float = beta) -> float:
+            return superquantile(v, b)
+
+        data = _crn_sample(args, names, seed, sampler)
+        for m, d in data.items():
+            r = d["rewards"]
+            s_ci, e_ci = bootstrap(r, sq, n_boot, seed=seed), bootstrap(r, np.mean, n_boot, seed=seed)
+            rows.append({"seed": seed, "model": m, "kind": "value", "sq_beta": s_ci.value, "sq_beta_lo": s_ci.low,
+                         "sq_beta_hi": s_ci.high, "mean_reward": e_ci.value, "mean_reward_lo": e_ci.low,
+                         "mean_reward_hi": e_ci.high, "n": int(r.size), "n_finite": int(np.isfinite(r).sum()),
+                         **{k: d[k] for k in _CRN_METRICS}})
+            body.append([seed, m, f"{s_ci.value:.4g} [{s_ci.low:.4g}, {s_ci.high:.4g}]",
+                         f"{e_ci.value:.4g} [{e_ci.low:.4g}, {e_ci.high:.4g}]", f"{np.isfinite(r).sum()}/{r.size}",
+                         *[f"{d[k]:.3f}" for k in _CRN_METRICS]])
+        pairs = [(n, "pre-trained") for n in names] + ([(names[0], names[1])] if len(names) > 1 else [])
+        for a, b in pairs:
+            ds = crn_bootstrap(data[a]["rewards"], data[b]["rewards"], sq, n_boot, seed=seed)
+            de = crn_bootstrap(data[a]["rewards"], data[b]["rewards"], np.mean, n_boot, seed=seed)
+            rows.append({"seed": seed, "model": f"{a} − {b}", "kind": "difference", "sq_beta": ds.value,
+                         "sq_beta_lo": ds.low, "sq_beta_hi": ds.high, "mean_reward": de.value,
+                         "mean_reward_lo": de.low, "mean_reward_hi": de.high, "n": ds.n,
+                         **{k: data[a][k] - data[b][k] for k in _CRN_METRICS}})
+            diffs.append([seed, f"{a} − {b}", f"{ds.value:+.4g} [{ds.low:+.4g}, {ds.high:+.4g}]",
+                          f"{de.value:+.4g} [{de.low:+.4g}, {de.high:+.4g}]",
+                          *[f"{data[a][k] - data[b][k]:+.3f}" for k in _CRN_METRICS]])
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    w.writeheader()
+    w.writerows(rows)
+    path = args.out / f"crn_{sampler}.csv"
+    atomic_write_text(path, buf.getvalue())
+    print(f"\nfresh samples, {sampler.upper()} sampler, common random numbers (same sizes, noise and CTMC draws "
+          f"per index; graphs may differ between models); bootstrap 95 % CI; {path}")
+    print(format_table(["seed", "model", "SQ_β (Eh)", "E[r] (Eh)", "scored", *_CRN_METRICS], body))
+    print(format_table(["seed", "difference", "Δ SQ_β (Eh)", "Δ E[r] (Eh)", *[f"Δ {k}" for k in _CRN_METRICS]],
+                       diffs))

@@ -67,3 +67,43 @@ def test_compare_two_methods_one_seed(tmp_path: Path, capsys: pytest.CaptureFixt
         assert a["n"] == b["n"]
         for key in ("sq_a", "sq_b", "d_mean"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
+
+    # Fresh samples under common random numbers, per sampler: the ODE from the runs' records, the SDE (not
+    # recorded by these runs) sampled now for the pre-trained and both final models and cached.
+    capsys.readouterr()
+    main(["compare", "-c", str(tmp_path / "tiny_fdc.yaml"), "-c", str(tmp_path / "tiny_am.yaml"),
+          "--seeds", "0", "--out", str(out), "--summarize", "--no-fixed-graph", "--crn-samplers", "ode", "sde"])
+    text = capsys.readouterr().out
+    assert "ODE sampler, common random numbers" in text and "SDE sampler" in text
+    per = {r["method"]: r for r in csv.DictReader(open(out / "per_seed.csv"))}
+    crn_ode = {r["model"]: r for r in csv.DictReader(open(out / "crn_ode.csv"))}
+    for m in ("pre-trained", "tiny_fdc", "tiny_am"):
+        assert float(crn_ode[m]["sq_beta"]) == pytest.approx(float(per[m]["sq_beta"]), abs=1e-9)
+        assert float(crn_ode[m]["validity"]) == pytest.approx(float(per[m]["validity"]))
+    d = crn_ode["tiny_fdc − pre-trained"]
+    want = float(per["tiny_fdc"]["sq_beta"]) - float(per["pre-trained"]["sq_beta"])
+    assert float(d["sq_beta"]) == pytest.approx(want)
+    assert float(d["sq_beta_lo"]) <= float(d["sq_beta"]) <= float(d["sq_beta_hi"])
+    crn_sde = list(csv.DictReader(open(out / "crn_sde.csv")))
+    assert [r["model"] for r in crn_sde] == ["pre-trained", "tiny_fdc", "tiny_am", "tiny_fdc − pre-trained",
+                                             "tiny_am − pre-trained", "tiny_fdc − tiny_am"]
+    vals = {r["model"]: float(r["mean_reward"]) for r in crn_sde}
+    assert vals["tiny_fdc − tiny_am"] == pytest.approx(vals["tiny_fdc"] - vals["tiny_am"], abs=1e-9)
+    assert all(int(r["n"]) == 16 for r in crn_sde)
+    assert sorted(p.name for p in (out / "crn_sde").iterdir()) == ["s0_pre-trained.npz", "s0_tiny_am.npz",
+                                                                   "s0_tiny_fdc.npz"]
+    # A rerun reads the cache: no model is sampled again, and the table is the same.
+    from fdc_mol.molecular import job as job_mod
+
+    def no_sampling(*a: object, **k: object) -> None:
+        raise AssertionError("sampled again despite the cache")
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(job_mod, "FinetuneJob", no_sampling)
+    try:
+        before = (out / "crn_sde.csv").read_text()
+        main(["compare", "-c", str(tmp_path / "tiny_fdc.yaml"), "-c", str(tmp_path / "tiny_am.yaml"),
+              "--seeds", "0", "--out", str(out), "--summarize", "--no-fixed-graph", "--crn-samplers", "sde"])
+        assert (out / "crn_sde.csv").read_text() == before
+    finally:
+        monkey.undo()

@@ -276,6 +276,29 @@ def test_paired_bootstrap_of_a_statistic() -> None:
     assert d.low < d.value < d.high and d.excludes(1.0) and not d.excludes(d.value)
 
 
+def test_crn_bootstrap_keeps_molecules_that_failed_on_one_side() -> None:
+    from fdc_mol.molecular.statistics import crn_bootstrap, paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=300)
+    # Without failures it is the paired bootstrap (same index resamples for the same seed).
+    noisy = base + rng.normal(scale=0.3, size=300)
+    a, b = crn_bootstrap(noisy, base, np.mean, n_boot=200, seed=3), paired_bootstrap(noisy, base, np.mean, 200, seed=3)
+    assert (a.value, a.low, a.high, a.n) == pytest.approx((b.value, b.low, b.high, b.n))
+    # A shift of every finite reward by 0.1 moves SQ by exactly 0.1 in every resample, even with failures on one
+    # side only: each side's statistic is over its own finite molecules.
+    shifted = base + 0.1
+    shifted[::7] = np.nan
+    d = crn_bootstrap(shifted, base, lambda v: superquantile(v, 0.75), n_boot=100)
+    assert d.n == 300
+    want = superquantile(shifted, 0.75) - superquantile(base, 0.75)
+    assert d.value == pytest.approx(want) and d.low <= d.value <= d.high
+    e = crn_bootstrap(shifted, base, np.mean, n_boot=100)
+    assert e.value == pytest.approx(np.nanmean(shifted) - base.mean())
+    with pytest.raises(ValueError, match="equal shapes"):
+        crn_bootstrap(base[:5], base, np.mean)
+
+
 def test_evaluation_size_is_separate_from_the_fit_size(tmp_path: Path) -> None:
     """evaluation.n_molecules sets the evaluation sample (and the fixed-graph set) without changing n_fit; the
     sample is the same across evaluations (common random numbers)."""
