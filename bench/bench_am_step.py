@@ -49,6 +49,7 @@ from _baseline import BASELINE_COMMIT, baseline_model, load_baseline  # noqa: E4
 
 import flowmol_ext  # noqa: E402
 from fdc_mol.fdc import adjoint_matching as am_new  # noqa: E402
+from flowmol_ext.malloc import keep_freed_memory  # noqa: E402
 
 try:  # the adapter is moving from fdc_mol.fdc to fdc_mol.molecular
     from fdc_mol.molecular.flowmol_flow import FlowMolFlow  # noqa: E402
@@ -154,7 +155,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the medians here: {part: {threads: {today_s, <variant>_s}}}")
+    ap.add_argument("--malloc", choices=["default", "tuned"], default="default",
+                    help="tuned: flowmol_ext.malloc.keep_freed_memory() in this process (what the fdc-mol CLI does); "
+                         "it applies to both codes alike: bench/bench_malloc.py compares processes")
     args = ap.parse_args()
+    if args.malloc == "tuned" and not keep_freed_memory():
+        raise SystemExit("--malloc tuned: glibc mallopt is not available here")
     load = os.getloadavg()
     print(f"AM-step benchmark: shipped qm9_small, today = commit {BASELINE_COMMIT} (bench/_baseline.py), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}, "
@@ -235,6 +242,14 @@ def main() -> None:
             mn = statistics.median(ns[v])
             line += f" {mn:14.2f} {mo / mn:15.2f}x"
         print(line)
+    if args.json:
+        import json
+
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for name, threads, o, ns in rows:
+            out.setdefault(name, {})[str(threads)] = {"today_s": statistics.median(o),
+                                                      **{f"{v}_s": statistics.median(ns[v]) for v in variants}}
+        Path(args.json).write_text(json.dumps(out, indent=1))
     if chunk:
         print(f"(today's loss timed in chunks of {chunk} timesteps: a lower bound on today's time)")
     if args.profile:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from flowmol_ext.batch import MolBatch, Molecule
+from flowmol_ext.malloc import keep_freed_memory
 from flowmol_ext.model.config import ModelConfig
 from flowmol_ext.model.flow import FlowMol
 from flowmol_ext.model.sampler import SamplerConfig, sample_batch
@@ -130,7 +131,12 @@ def main() -> None:
     ap.add_argument("--no-compare", action="store_true", help="skip today's code (commit aac49eb)")
     ap.add_argument("--compile", action="store_true", help="also time the new network under torch.compile")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--malloc", choices=["default", "tuned"], default="default",
+                    help="tuned: flowmol_ext.malloc.keep_freed_memory() in this process (what the fdc-mol CLI does); "
+                         "it applies to both codes alike: bench/bench_malloc.py compares processes")
     args = ap.parse_args()
+    if args.malloc == "tuned" and not keep_freed_memory():
+        raise SystemExit("--malloc tuned: glibc mallopt is not available here")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

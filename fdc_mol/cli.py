@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from fdc_mol.runlog import setup_logging
     from flowmol_ext import signals
+    from flowmol_ext.malloc import keep_freed_memory
 
     setup_logging(args.log_level)
+    keep_freed_memory()  # freed tensor memory stays in the heap: no page faults per network call (FDC_MOL_MALLOC)
     previous = signals.install()
     prog = f"fdc-mol {args.command}"
     try:
