@@ -35,9 +35,16 @@ print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def _clean_env(**env: str) -> dict[str, str]:
+    """This process's environment without malloc settings (a dask LocalCluster's nanny, started by another test,
+    puts MALLOC_TRIM_THRESHOLD_ into os.environ), plus ``env``."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "FDC_MOL_MALLOC"}
+    return {**keep, **env}
+
+
 def _faults(mode: str, **env: str) -> tuple[bool, int]:
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout.split()
+                         env=_clean_env(**env)).stdout.split()
     return bool(int(out[0])), int(out[1])
 
 
@@ -54,5 +61,5 @@ def test_keep_freed_memory_removes_the_page_faults_of_repeated_large_tensors() -
     probe = "from flowmol_ext.malloc import keep_freed_memory; print(int(keep_freed_memory()))"
     for env in ({"FDC_MOL_MALLOC": "default"}, {"MALLOC_TRIM_THRESHOLD_": "131072"}, {}):
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                             env={**os.environ, **env}).stdout.strip()
+                             env=_clean_env(**env)).stdout.strip()
         assert out == ("1" if not env else "0"), env
