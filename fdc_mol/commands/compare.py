@@ -233,7 +233,8 @@ def _crn_sample(args: argparse.Namespace, names: list[str], seed: int, sampler: 
     out: dict[str, dict[str, Any]] = {}
     if all(sampler in c.evaluation.samplers for c in cfgs.values()):
         for n in names:
-            rows = list(csv.DictReader(open(dirs[n] / "metrics.csv")))
+            with open(dirs[n] / "metrics.csv") as fh:
+                rows = list(csv.DictReader(fh))
             prefix = "" if cfgs[n].evaluation.samplers[0] == sampler else f"{sampler}_"
             for model, k, row in (("pre-trained", 0, rows[0]), (n, cfgs[n].K, rows[-1])):
                 if model in out:
@@ -244,8 +245,11 @@ def _crn_sample(args: argparse.Namespace, names: list[str], seed: int, sampler: 
     cache = args.out / f"crn_{sampler}"
     cache.mkdir(parents=True, exist_ok=True)
     paths = {m: cache / f"s{seed}_{m}.npz" for m in ["pre-trained", *names]}
-    if all(p.is_file() for p in paths.values()):
-        return {m: {k: (v if k == "rewards" else float(v)) for k, v in np.load(p).items()} for m, p in paths.items()}
+    for m, p in paths.items():  # cached models: the rewards array and the scalar metrics
+        if p.is_file():
+            out[m] = {k: (v if k == "rewards" else float(v)) for k, v in np.load(p).items()}
+    if len(out) == len(paths):
+        return out
     from fdc_mol.molecular.job import FinetuneJob
     from fdc_mol.molecular.reward_oracle import molecules_of
     from flowmol_ext.io_utils import atomic_write_bytes
@@ -255,8 +259,7 @@ def _crn_sample(args: argparse.Namespace, names: list[str], seed: int, sampler: 
     job = FinetuneJob(cfgs[names[0]])
     try:
         for m, p in paths.items():
-            if p.is_file():
-                out[m] = {k: (v if k == "rewards" else float(v)) for k, v in np.load(p).items()}
+            if m in out:
                 continue
             flow = job.flow
             if m != "pre-trained":
