@@ -166,6 +166,8 @@ class FinetuneConfig(StrictModel):
     seed: int = 0
     model: str = "qm9_small"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="run the network under torch.compile (inductor, dynamic shapes): "
+                          "faster AM steps and evaluations after a one-off compilation of minutes (cached on disk)")
     algorithm: Literal["fdc", "am"] = "fdc"
     K: int = Field(10, ge=1, description="outer iterations")
     am_steps_per_iteration: int = Field(2, ge=1)

@@ -133,6 +133,8 @@ class FinetuneJob:
         model = model if model is not None else load_pretrained(cfg.model, device=self.device)
         self.flow = FlowMolFlow(model.to(self.device), sampler=cfg.sampler, n_atoms=cfg.n_atoms,
                                 trainable=cfg.trainable)
+        if cfg.compile:  # the frozen base (a deepcopy) and every evaluation inherit the flag
+            self.flow.model.set_compile(True)
         self.pre_state = {k: v.detach().clone() for k, v in self.flow.model.state_dict().items()}
         if reward is None:
             from fdc_mol.rewards import make_molecular_reward

@@ -312,3 +312,15 @@ def test_evaluation_size_is_separate_from_the_fit_size(tmp_path: Path) -> None:
     assert row1["fixed_graph_kde_delta"] == pytest.approx(0.0, abs=1e-3)  # same conformers: same log p̂_pre
     ctx = job.fit_context(job.flow, job.flow, 1, None)  # fit_sampler am: n_fit fresh trajectories
     assert ctx.rewards.numel() == 12
+
+
+def test_compile_key_puts_the_network_and_its_frozen_copies_under_torch_compile(tmp_path: Path) -> None:
+    """``compile: true`` switches the fine model's network to torch.compile; the frozen base and pre-trained copies
+    (deepcopies made by the loop) keep the flag, and the default leaves everything eager. Nothing is compiled here:
+    compilation happens on the first forward call."""
+    job = _job(tmp_path / "c", compile=True)
+    assert job.flow.model.vector_field.compiled
+    assert job.flow.copy_frozen().model.vector_field.compiled
+    assert not _job(tmp_path / "e").flow.model.vector_field.compiled
+    with pytest.raises(ValueError, match="compile"):
+        _job(tmp_path / "bad", compile="sometimes")
