@@ -84,6 +84,8 @@ class TrainConfig(StrictModel):
     num_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on CPU
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # "high": TF32 on Ampere+
     init_from: str | None = None  # start a new run from these weights (registry name or model dir)
+    # torch.compile the network (inductor, dynamic shapes): train step 1.36-1.60x on CPU after minutes of compiling
+    compile: bool = False
 
     @field_validator("max_time")
     @classmethod
@@ -133,6 +135,8 @@ class FlowMolModule(pl.LightningModule):
         self.save_hyperparameters({"cfg": cfg.model_dump(mode="json"), "n_atoms_hist": n_atoms_hist})
         self.model = FlowMol(cfg.model)
         self.model.metadata = {"n_atoms_hist": n_atoms_hist}
+        if cfg.train.compile:  # a flag outside the module's state: checkpoints are those of the eager network
+            self.model.set_compile(True)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.optim.ema_decay is not None else None
         self.train_smiles = train_smiles
         self._t0 = time.time()

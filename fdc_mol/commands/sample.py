@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="integration steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sde", action="store_true", help="memoryless SDE for positions instead of the Euler ODE")
+    p.add_argument("--compile", action="store_true", help="run the network under torch.compile (~1.9x faster "
+                   "sampling on CPU after a one-off compilation of minutes, cached on disk)")
     p.add_argument("--stochasticity", type=float, default=30.0, help="CTMC re-masking rate eta")
     p.add_argument("--temperature", type=float, default=0.05, help="CTMC temperature")
     p.add_argument("--hc-thresh", type=float, default=0.9, help="purity-sampling threshold (0 disables)")
@@ -52,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"-o/--output {args.output} is a folder; give an SDF file path")
     check_writable_dir(args.output.parent, "-o/--output")  # before sampling, not after
     start_run("sample", seed=args.seed, config={"model": str(args.model), "n": args.n_molecules,
-                                                 "sampler": cfg.model_dump()}, device=device)
+                                                 "sampler": cfg.model_dump(), "compile": args.compile}, device=device)
     model = load_pretrained(args.model, device=device)
+    if args.compile:
+        model.set_compile(True)
     mols = sample_molecules(model, args.n_molecules, cfg, n_atoms=args.n_atoms, seed=args.seed, device=device)
     props = [{"sample_index": i, "model": str(args.model), "steps": args.steps, "seed": args.seed}
              for i in range(len(mols))]

@@ -173,3 +173,27 @@ def test_a_second_finetune_into_the_same_run_dir_is_refused(capsys: pytest.Captu
                 pass
     with run_dir_lock(run_dir):  # released: the next run gets it
         pass
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_sample_compile_flag_reaches_the_network(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, flag: bool) -> None:
+    """``fdc-mol sample --compile`` hands a network under torch.compile to the sampler (here recorded, then sampled
+    eagerly for speed: compilation itself is covered by bench/bench_model.py's equal outputs)."""
+    import flowmol_ext.model.sampler as sampler
+
+    seen: list[bool] = []
+    real = sampler.sample_molecules
+
+    def recording(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(model.vector_field.compiled)
+        model.set_compile(False)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "sample_molecules", recording)
+    out = tmp_path / "m.sdf"
+    argv = ["sample", "-n", "2", "--steps", "2", "--device", "cpu", "-o", str(out)] + (["--compile"] if flag else [])
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert seen == [flag]
+    assert len([m for m in Chem.SDMolSupplier(str(out), sanitize=False)]) == 2
