@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
                 continue
             per_seed.append({"method": "pre-trained", "config": name, "seed": seed, **rows[0]})
             per_seed.append({"method": name, "config": name, "seed": seed, **rows[-1]})
+    if not per_seed:
+        where = f"{args.out}/<config>_s<seed>"
+        raise FileNotFoundError(f"no finished run to compare in {where} for configs {names} and seeds {args.seeds}"
+                                + (" (--summarize runs nothing)" if args.summarize else ""))
     keys: list[str] = []
     for r in per_seed:
         keys += [k for k in r if k not in keys and isinstance(r[k], (int, float, str))]

@@ -197,3 +197,10 @@ def test_sample_compile_flag_reaches_the_network(capsys: pytest.CaptureFixture, 
     assert code == 0, err
     assert seen == [flag]
     assert len([m for m in Chem.SDMolSupplier(str(out), sanitize=False)]) == 2
+
+
+def test_compare_without_finished_runs_names_the_folder(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "compare", "-c", "fdc_effect_cpu", "--seeds", "0", "--out", str(tmp_path / "none"),
+                        "--summarize")
+    assert code != 0
+    _one_line_error(err, "no finished run", str(tmp_path / "none"), "fdc_effect_cpu")
