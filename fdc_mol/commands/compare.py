@@ -111,10 +111,7 @@ def same_rewards(a: Any, b: Any, atol: float = SAME_REWARD_ATOL) -> bool:
     import numpy as np
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
-        return False
-    ok = ~np.isnan(a)
-    return bool(np.all(np.abs(a[ok] - b[ok]) <= atol))
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0.0, atol=atol, equal_nan=True))
 
 
 def _recorded_fixed_graph_rewards(args: argparse.Namespace, names: list[str], dirs: dict[str, Path],
