@@ -469,7 +469,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, snapshot_every_n_steps: 
         from flowmol_ext.pretrained import load_pretrained
 
         init = load_pretrained(tc.init_from)
-        if init.cfg != cfg.model:
+        # The loss weights and the train-time distortion shape training only, not the network or its interpolant:
+        # a run may change them and still start from these weights (e.g. the distortion ablation).
+        training_only = {"loss_weights", "distortion"}
+        if init.cfg.model_dump(exclude=training_only) != cfg.model.model_dump(exclude=training_only):
             raise ValueError(f"train.init_from={tc.init_from!r} has a different model config than this run's 'model'")
         module.model.load_state_dict(init.state_dict())
         module.reset_ema()

@@ -58,6 +58,12 @@ def test_init_from_copies_weights_and_rejects_another_architecture(data_dir: Pat
     pretrain(_cfg(data_dir, tmp_path / "b", 0, init_from=str(tmp_path / "a" / "model_last"), max_epochs=0))
     copied = load_model_dir(tmp_path / "b" / "model_last")
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), copied.state_dict().values()))
+    # training-only settings (loss weights, train-time distortion) may differ from the source's
+    distorted = _cfg(data_dir, tmp_path / "d", 0, init_from=str(tmp_path / "a" / "model_last"), max_epochs=0)
+    distorted.model.distortion.p = 0.2
+    distorted.model.loss_weights.x = 2.0
+    pretrain(distorted)
+    assert load_model_dir(tmp_path / "d" / "model_last").cfg.distortion.p == 0.2
     with pytest.raises(ValueError, match="different model config"):
         pretrain(_cfg(data_dir, tmp_path / "c", 1, init_from="qm9_small"))
 
