@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="also write the table as JSON here")
     p.add_argument("--sdf-dir", type=Path, help="also write each sampler's molecules to DIR/<sampler>.sdf (with "
                    "their energies), e.g. for `fdc-mol evaluate --geometry`")
+    p.add_argument("--compile", action="store_true", help="run the network under torch.compile (~1.9x faster "
+                   "sampling on CPU after a one-off compilation of minutes, cached on disk)")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -43,7 +45,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def model_card_metrics(model_name: str, n: int, steps: int, seed: int, sampler: str, data_dir: str | None,
-                       energy: str, executor: str, sdf: Path | None = None) -> dict[str, float]:
+                       energy: str, executor: str, sdf: Path | None = None,
+                       compile_network: bool = False) -> dict[str, float]:
     """The table's column for one sampler (fractions in [0, 1], energies in Eh); the molecules also go to
     ``sdf`` when given (energy and the reward gate's reason per record)."""
     import numpy as np
@@ -54,6 +57,8 @@ def model_card_metrics(model_name: str, n: int, steps: int, seed: int, sampler: 
     from flowmol_ext.model.sampler import SamplerConfig, sample_molecules
 
     model = load_pretrained(model_name)
+    if compile_network:
+        model.set_compile(True)
     cfg = SamplerConfig(steps=steps, position_sampler=sampler)
     mols = sample_molecules(model, n, cfg, seed=seed, progress=False)
     train = None
@@ -106,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable_dir(args.sdf_dir, "--sdf-dir")  # before sampling, not after
     cols = {s: model_card_metrics(args.model, args.n_molecules, args.steps, args.seed, s, args.data_dir,
                                   args.energy, args.executor,
-                                  None if args.sdf_dir is None else args.sdf_dir / f"{s}.sdf")
+                                  None if args.sdf_dir is None else args.sdf_dir / f"{s}.sdf",
+                                  compile_network=args.compile)
             for s in args.samplers}
     keys = ["atom_stability", "molecule_stability", "validity", "connectivity", "uniqueness", "novelty",
             "reward_gate_pass", "n_min_distance_below_0.9A", f"median_{args.energy}_energy_per_atom_hartree"]

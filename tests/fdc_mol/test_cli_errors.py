@@ -199,6 +199,29 @@ def test_sample_compile_flag_reaches_the_network(capsys: pytest.CaptureFixture, 
     assert len([m for m in Chem.SDMolSupplier(str(out), sanitize=False)]) == 2
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_model_card_compile_flag_reaches_the_network(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                                     flag: bool) -> None:
+    """``fdc-mol model-card --compile`` samples every sampler's column with the network under torch.compile
+    (recorded, then sampled eagerly for speed, as for ``sample --compile``)."""
+    import flowmol_ext.model.sampler as sampler
+
+    seen: list[bool] = []
+    real = sampler.sample_molecules
+
+    def recording(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(model.vector_field.compiled)
+        model.set_compile(False)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "sample_molecules", recording)
+    argv = ["model-card", "-n", "2", "--steps", "2", "--energy", "none"] + (["--compile"] if flag else [])
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert seen == [flag, flag]  # ode and sde
+    assert "molecule_stability" in out
+
+
 def test_compare_without_finished_runs_names_the_folder(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     code, _, err = _run(capsys, "compare", "-c", "fdc_effect_cpu", "--seeds", "0", "--out", str(tmp_path / "none"),
                         "--summarize")
