@@ -25,6 +25,7 @@ from torch import Tensor
 from flowmol_ext.config import StrictModel
 
 from .flow import FlowModel, Trajectory, per_sample_sqnorm
+from .sharding import balanced_shards, run_in_threads, sample_costs
 
 __all__ = [
     "AMConfig",
@@ -50,6 +51,9 @@ class AMConfig(StrictModel):
     random_frac: float = Field(0.25, ge=0.0, le=1.0, description="fraction of the remaining times drawn at random")
     lct: float | None = Field(1.6, gt=0.0, description="loss clip LCT: each term is clipped at LCT·λ²; null = off")
     grad_clip_norm: float | None = Field(None, gt=0.0, description="optional clip of the parameter-gradient norm")
+    shards: int = Field(1, ge=1, description="split the molecules over this many Python threads (one torch thread "
+                        "each) for the lean adjoint and the loss; same result to float rounding (2 on 2 cores: "
+                        "bench/bench_shard_threads.py)")
 
 
 def timestep_subset(
@@ -86,6 +90,7 @@ def lean_adjoint(
     running_grad_fn: Callable[[Tensor, float], Tensor] | None = None,
     *,
     v_base_steps: Tensor | None = None,
+    shards: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Lean adjoint ã_k (k = 0..T) and the base velocities v_base(X_k, t_k) on a recorded trajectory.
 
@@ -100,29 +105,44 @@ def lean_adjoint(
     base model without gradients at the steps in ``v_base_steps`` (default: every step 1..T−1); their v_base
     rows at other steps are left 0. With signal in every sample, or without ``select``, it is the full-batch
     recursion. The two agree to float rounding (tests/fdc_mol/fdc/test_am_speed_equivalence.py).
+
+    ``shards`` > 1 (with ``select`` and no running cost) splits the molecules into that many groups of near-equal
+    cost and runs each group's recursion (and no-gradient forward) in its own Python thread
+    (:mod:`fdc_mol.fdc.sharding`); the result is the same to float rounding.
     """
     if traj.xs is None:
         raise ValueError("lean_adjoint needs a recorded trajectory (sample with record=True)")
     signal = per_sample_sqnorm(terminal_grad.detach(), traj) != 0  # NaN rows count as signal (they propagate)
     select = getattr(base, "select", None)
     n_signal = int(signal.sum())
-    if running_grad_fn is not None or select is None or n_signal == traj.n:
+    if running_grad_fn is not None or select is None:
         return _lean_adjoint_full(base, traj, terminal_grad, running_grad_fn)
+    if n_signal == traj.n and shards == 1:
+        return _lean_adjoint_full(base, traj, terminal_grad, None)
     adj = torch.zeros_like(traj.xs)
     v_base = torch.zeros_like(traj.xs)
-    if n_signal > 0:
-        rows = _sample_rows(traj, signal)
-        sub = select(traj, signal)
-        adj_s, v_s = _lean_adjoint_full(base, sub, terminal_grad[rows], None)
+    costs = sample_costs(traj)
+    signal_cpu = signal.cpu()
+
+    def adjoint_part(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        rows = _sample_rows(traj, keep.to(signal.device))
+        adj_s, v_s = _lean_adjoint_full(base, select(traj, keep), terminal_grad[rows], None)
+        return rows, adj_s, v_s
+
+    for rows, adj_s, v_s in run_in_threads(adjoint_part, balanced_shards(costs, shards, signal_cpu)):
         adj[:, rows] = adj_s
         v_base[:, rows] = v_s
-    rest = ~signal
-    rows = _sample_rows(traj, rest)
-    sub = select(traj, rest)
     steps = range(1, traj.steps) if v_base_steps is None else [int(k) for k in v_base_steps.tolist()]
-    with torch.no_grad():
-        for k in steps:
-            v_base[k, rows] = base.velocity(sub.xs[k], float(traj.times[k]), k, sub)
+
+    def forward_part(keep: Tensor) -> tuple[Tensor, list[Tensor]]:
+        rows = _sample_rows(traj, keep.to(signal.device))
+        sub = select(traj, keep)
+        with torch.no_grad():
+            return rows, [base.velocity(sub.xs[k], float(traj.times[k]), k, sub) for k in steps]
+
+    for rows, vs in run_in_threads(forward_part, balanced_shards(costs, shards, ~signal_cpu)):
+        for k, v in zip(steps, vs):
+            v_base[k, rows] = v
     return adj, v_base
 
 
@@ -176,6 +196,7 @@ def am_loss_for_trajectory(
     indices: Tensor,
     *,
     clip: float | None = None,
+    shards: int = 1,
 ) -> Tensor:
     """Differentiable scalar loss mean_batch Σ_{k ∈ indices} of :func:`am_loss` on one recorded trajectory.
 
@@ -186,9 +207,21 @@ def am_loss_for_trajectory(
     ``len(indices)`` graphs; the returned loss carries that gradient (``loss.backward()`` puts
     Σ_k ∂L_k/∂θ, times the incoming gradient, into the trainable parameters' ``.grad``). Its value and
     gradient equal the all-graphs-at-once form up to float rounding (the order of the Σ_k accumulation).
+
+    ``shards`` > 1 (when ``fine`` offers ``select``) computes the loss of each of that many groups of molecules in
+    its own Python thread and returns Σ_s (n_s/n) L_s, the same mean (:mod:`fdc_mol.fdc.sharding`).
     """
     if traj.xs is None:
         raise ValueError("am_loss_for_trajectory needs a recorded trajectory")
+    select = getattr(fine, "select", None)
+    if shards > 1 and select is not None and traj.n > 1:
+        def part(keep: Tensor) -> Tensor:
+            rows = _sample_rows(traj, keep.to(traj.x1.device))
+            loss_s = am_loss_for_trajectory(fine, select(traj, keep), adj[:, rows], v_base[:, rows], indices,
+                                            clip=clip)
+            return loss_s * (int(keep.sum()) / traj.n)
+
+        return sum(run_in_threads(part, balanced_shards(sample_costs(traj), shards)), adj.new_zeros(()))
     h = 1.0 / traj.steps
     ks = indices.tolist()
     for k in ks:
@@ -268,7 +301,7 @@ def am_step_loss(
     idx = timestep_subset(cfg.steps, cfg.final_frac, cfg.random_frac,
                           timestep_generator if timestep_generator is not None else generator)
     # v_base is needed only on the loss timesteps: samples without signal get no adjoint pass at all.
-    adj, v_base = lean_adjoint(base, traj, g, v_base_steps=idx)
+    adj, v_base = lean_adjoint(base, traj, g, v_base_steps=idx, shards=cfg.shards)
     clip = None if cfg.lct is None else cfg.lct * lam**2
     gnorm = per_sample_sqnorm(g, traj).sqrt()
     signal = gnorm != 0
@@ -278,9 +311,10 @@ def am_step_loss(
         # signal, so their loss terms and parameter gradients are exactly 0; the batch mean keeps 1/n.
         rows = _sample_rows(traj, signal)
         sub = fine.select(traj, signal)
-        loss = am_loss_for_trajectory(fine, sub, adj[:, rows], v_base[:, rows], idx, clip=clip) * (n_signal / traj.n)
+        loss = am_loss_for_trajectory(fine, sub, adj[:, rows], v_base[:, rows], idx, clip=clip,
+                                      shards=cfg.shards) * (n_signal / traj.n)
     else:
-        loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip)
+        loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip, shards=cfg.shards)
     metrics = {"loss": float(loss.detach()), "terminal_grad_norm": float(gnorm.mean()), "n_traj": float(traj.n),
                "n_signal": float(n_signal)}
     if "n_scored" in traj.extras:
