@@ -79,14 +79,19 @@ def terminal_gradient(fine: Any, traj: Any, seed: int, signal_frac: float) -> to
 
 
 def am_step_parts(fine: Any, base: Any, am: Any, *, n_traj: int, steps: int, seed: int,
-                  loss_chunk: int | None = None, signal_frac: float = 1.0) -> tuple[dict[str, float], dict[str, Any]]:
-    """Time one AM step (sample → lean adjoint → loss fwd/bwd) with module ``am``; seconds per part."""
+                  loss_chunk: int | None = None, signal_frac: float = 1.0,
+                  shards: int = 1) -> tuple[dict[str, float], dict[str, Any]]:
+    """Time one AM step (sample → lean adjoint → loss fwd/bwd) with module ``am``; seconds per part. ``shards``
+    > 1 splits the molecules over Python threads in the adjoint and the loss (the new code only)."""
     gen = torch.Generator().manual_seed(seed)
     t_s, traj = _timed(lambda: fine.sample(n_traj, steps, memoryless=True, record=True, generator=gen))
     g = terminal_gradient(fine, traj, seed, signal_frac)
     idx = am.timestep_subset(steps, 0.25, 0.25, gen)
     # today's lean_adjoint has no v_base_steps (it computes v_base at every step); the new one needs only idx
     kw = {"v_base_steps": idx} if "v_base_steps" in inspect.signature(am.lean_adjoint).parameters else {}
+    loss_kw = {}
+    if shards > 1:
+        kw["shards"] = loss_kw["shards"] = shards
     t_a, (adj, v_base) = _timed(lambda: am.lean_adjoint(base, traj, g, **kw))
     for p in fine.parameters():
         p.grad = None
@@ -95,7 +100,7 @@ def am_step_parts(fine: Any, base: Any, am: Any, *, n_traj: int, steps: int, see
         chunks = [idx] if loss_chunk is None else list(torch.split(idx, loss_chunk))
         value = 0.0
         for ch in chunks:
-            loss = am.am_loss_for_trajectory(fine, traj, adj, v_base, ch, clip=None)
+            loss = am.am_loss_for_trajectory(fine, traj, adj, v_base, ch, clip=None, **loss_kw)
             loss.backward()
             value += float(loss.detach())
         return value
@@ -152,6 +157,9 @@ def main() -> None:
     ap.add_argument("--signal-frac", type=float, default=1.0,
                     help="fraction of trajectories with a non-zero terminal gradient (1: all; the effect protocol "
                          "logged ~0.125 for FDC and ~0.4 for plain AM)")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="> 1: also time the new code (and the compiled one) with the molecules split over this many "
+                         "Python threads in the adjoint and the loss (AMConfig.shards; one torch thread each)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -173,20 +181,25 @@ def main() -> None:
     old_fine = base_mods.flowmol_flow.FlowMolFlow(baseline_model(model))
     old_base = old_fine.copy_frozen()
     chunk = args.baseline_loss_chunk or None
-    variants: dict[str, tuple[Any, Any, Any]] = {"new": (new_fine, new_base, am_new)}
+    variants: dict[str, tuple[Any, Any, Any, int]] = {"new": (new_fine, new_base, am_new, 1)}
+    if args.shards > 1:
+        variants[f"new {args.shards} shards"] = (new_fine, new_base, am_new, args.shards)
     if args.compile:
         c_fine = FlowMolFlow(copy.deepcopy(model))
         c_fine.model.set_compile(True)
         c_base = c_fine.copy_frozen()
-        variants["compiled"] = (c_fine, c_base, am_new)
+        variants["compiled"] = (c_fine, c_base, am_new, 1)
+        if args.shards > 1:
+            variants[f"compiled {args.shards} shards"] = (c_fine, c_base, am_new, args.shards)
         torch.set_num_threads(int(args.threads.split(",")[0]))
         t0 = time.perf_counter()
         # Two warm-up steps at the timed signal fraction: with signal < 1 the adjoint runs on the selected molecules
         # and a no-grad base forward on the others (more graphs), and a size that changes between calls makes
         # inductor recompile once with that dimension dynamic. A run reaches this state after its first AM steps.
         for warm_seed in (99, 98):
-            am_step_parts(c_fine, c_base, am_new, n_traj=args.n_traj, steps=4, seed=warm_seed,
-                          signal_frac=args.signal_frac)
+            for shards in sorted({1, args.shards}):
+                am_step_parts(c_fine, c_base, am_new, n_traj=args.n_traj, steps=4, seed=warm_seed,
+                              signal_frac=args.signal_frac, shards=shards)
         ode_eval(c_fine, 8, 3, seed=99)
         print(f"torch.compile warm-up (2 AM steps of 4 steps: sampling, adjoint VJP, loss fwd/bwd; ODE; dynamic "
               f"shapes): "
@@ -204,9 +217,9 @@ def main() -> None:
                     for k in o:
                         times["today"].setdefault(k, []).append(o[k])
                     line = f"  [{threads} thr, rep {rep}] today: " + " ".join(f"{k} {v:.1f}s" for k, v in o.items())
-                    for name, (fine, base, am) in variants.items():
+                    for name, (fine, base, am, shards) in variants.items():
                         n, n_info = am_step_parts(fine, base, am, n_traj=args.n_traj, steps=args.steps, seed=seed,
-                                                  signal_frac=args.signal_frac)
+                                                  signal_frac=args.signal_frac, shards=shards)
                         for k in n:
                             times[name].setdefault(k, []).append(n[k])
                         line += f" | {name}: " + " ".join(f"{k} {v:.1f}s" for k, v in n.items())
@@ -225,7 +238,7 @@ def main() -> None:
                 for rep in range(args.reps):
                     ms = args.eval_measure_steps or args.eval_steps
                     o_t.append(ode_eval(old_fine, args.eval_n, ms, args.seed + rep, args.eval_steps))
-                    for name, (fine, _, _) in variants.items():
+                    for name, (fine, _, _, _) in variants.items():
                         n_t[name].append(ode_eval(fine, args.eval_n, ms, args.seed + rep, args.eval_steps))
                 print(f"  [{threads} thr] ODE eval today {o_t[-1]:.1f}s | "
                       + " | ".join(f"{k} {v[-1]:.1f}s" for k, v in n_t.items()), flush=True)
