@@ -5,7 +5,7 @@ so the lean adjoint and the AM loss of a batch are the per-sample results of its
 Running the parts in Python threads, each with one torch intra-op thread, uses k cores with one op stream each:
 PyTorch releases the GIL inside its kernels. On the 2-core CPU this beat torch's own 2 intra-op threads on the
 base network's forward + VJP (`bench/bench_shard_threads.py`: 1.10x compiled, 1.16x eager, quiet machine) and
-held up under load where the intra-op threads collapsed (1.36x over 1 thread against 0.21x, one other job).
+held up under load where the intra-op threads collapsed (1.36x over 1 thread against 0.21x, two other jobs).
 
 Results equal the unsharded computation up to float rounding (the order of sums); autograd supports
 concurrent backward passes into shared parameters.
