@@ -175,11 +175,8 @@ def test_a_second_finetune_into_the_same_run_dir_is_refused(capsys: pytest.Captu
         pass
 
 
-@pytest.mark.parametrize("flag", [True, False])
-def test_sample_compile_flag_reaches_the_network(capsys: pytest.CaptureFixture, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, flag: bool) -> None:
-    """``fdc-mol sample --compile`` hands a network under torch.compile to the sampler (here recorded, then sampled
-    eagerly for speed: compilation itself is covered by bench/bench_model.py's equal outputs)."""
+def _record_compile_flag(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make ``sample_molecules`` record whether it got a compiled network, then sample eagerly; returns the record."""
     import flowmol_ext.model.sampler as sampler
 
     seen: list[bool] = []
@@ -191,6 +188,15 @@ def test_sample_compile_flag_reaches_the_network(capsys: pytest.CaptureFixture, 
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(sampler, "sample_molecules", recording)
+    return seen
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_sample_compile_flag_reaches_the_network(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, flag: bool) -> None:
+    """``fdc-mol sample --compile`` hands a network under torch.compile to the sampler (here recorded, then sampled
+    eagerly for speed: compilation itself is covered by bench/bench_model.py's equal outputs)."""
+    seen = _record_compile_flag(monkeypatch)
     out = tmp_path / "m.sdf"
     argv = ["sample", "-n", "2", "--steps", "2", "--device", "cpu", "-o", str(out)] + (["--compile"] if flag else [])
     code, _, err = _run(capsys, *argv)
@@ -204,17 +210,7 @@ def test_model_card_compile_flag_reaches_the_network(capsys: pytest.CaptureFixtu
                                                      flag: bool) -> None:
     """``fdc-mol model-card --compile`` samples every sampler's column with the network under torch.compile
     (recorded, then sampled eagerly for speed, as for ``sample --compile``)."""
-    import flowmol_ext.model.sampler as sampler
-
-    seen: list[bool] = []
-    real = sampler.sample_molecules
-
-    def recording(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen.append(model.vector_field.compiled)
-        model.set_compile(False)
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(sampler, "sample_molecules", recording)
+    seen = _record_compile_flag(monkeypatch)
     argv = ["model-card", "-n", "2", "--steps", "2", "--energy", "none"] + (["--compile"] if flag else [])
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
