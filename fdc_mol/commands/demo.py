@@ -31,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_finetune_config(args.config, run_dir=args.run_dir, seed=args.seed)
     rows = run_finetune(cfg, print_table=False)
     print()
-    print(f"FDC demo ({cfg.model}): {cfg.K} outer iterations x {cfg.am_steps_per_iteration} adjoint-matching steps "
+    print(f"FDC demo ({cfg.model}): {cfg.K} outer iteration{'s' if cfg.K != 1 else ''} x "
+          f"{cfg.am_steps_per_iteration} adjoint-matching steps "
           f"of {cfg.am.n_traj} trajectories, {cfg.utility.kind} (β = {cfg.utility.beta}) of the "
-          f"{cfg.reward.kind} reward ({cfg.reward.level}); {cfg.n_fit} molecules per row, seed {cfg.seed}")
+          f"{cfg.reward.kind} reward ({cfg.reward.level}); "
+          f"{cfg.evaluation.n_molecules or cfg.n_fit} molecules per row, seed {cfg.seed}")
     print(format_finetune_table([rows[0], rows[-1]], cfg))
     last = rows[-1]
     for s in cfg.evaluation.samplers[1:]:

@@ -341,3 +341,35 @@ def test_every_shipped_config_validates_against_its_schema() -> None:
                   ToyConfig if path.stem.startswith("toy_") else FinetuneConfig)
         cfg = load_config(schema, path, {})
         assert isinstance(cfg, schema), path.name
+
+
+def test_demo_prints_the_paired_table_with_the_evaluation_size(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """``fdc-mol demo`` on a config file (the tiny model and an analytic reward injected): the header names the
+    evaluation size (evaluation.n_molecules, not n_fit) and the stage count, and the table has iteration 0 and the
+    last iteration with the same-molecules column filled."""
+    import argparse
+
+    import fdc_mol.commands.finetune as finetune_cmd
+    from fdc_mol.commands import demo
+
+    real = finetune_cmd.run_finetune
+    monkeypatch.setattr(finetune_cmd, "run_finetune",
+                        lambda cfg, print_table=False: real(cfg, print_table=print_table, model=tiny_model(),
+                                                            reward=CompactnessReward()))
+    cfg = _job(tmp_path / "unused", K=1, am_steps_per_iteration=1,
+               evaluation={"samplers": ["ode"], "n_boot": 50, "n_molecules": 16}).cfg
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    args = argparse.Namespace(run_dir=tmp_path / "demo", seed=3, config=str(path))
+    threads = torch.get_num_threads()
+    try:
+        assert demo.run(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # the demo sets 2 torch threads for the process
+    out = capsys.readouterr().out
+    assert "1 outer iteration x 1 adjoint-matching steps of 6 trajectories" in out
+    assert "16 molecules per row, seed 3" in out
+    rows = [line.split() for line in out.splitlines() if line[:2] in ("0 ", "1 ")]
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert "(16)" in " ".join(rows[1])  # the same-molecules Δr over all 16 molecules (the analytic reward never fails)
+    assert (tmp_path / "demo" / "samples" / "iteration_001.sdf").is_file()
