@@ -197,6 +197,7 @@ def am_loss_for_trajectory(
     *,
     clip: float | None = None,
     shards: int = 1,
+    diagnostics: dict[str, float] | None = None,
 ) -> Tensor:
     """Differentiable scalar loss mean_batch Σ_{k ∈ indices} of :func:`am_loss` on one recorded trajectory.
 
@@ -210,18 +211,30 @@ def am_loss_for_trajectory(
 
     ``shards`` > 1 (when ``fine`` offers ``select``) computes the loss of each of that many groups of molecules in
     its own Python thread and returns Σ_s (n_s/n) L_s, the same mean (:mod:`fdc_mol.fdc.sharding`).
+
+    ``diagnostics`` (a dict, updated in place) accumulates the two parts of the residual (2/σ)(v_fine − v_base) + σã
+    over the loss timesteps, summed over molecules: ``control_sq`` += Σ_i Σ_k ‖(2/σ_k)(v_fine − v_base)‖² and
+    ``target_sq`` += Σ_i Σ_k ‖σ_k ã_k‖² (per-atom vectors, squared units of the state per unit time). At each
+    sample's minimiser the two are equal; control ≫ target means the fine model has moved further from the base
+    than the adjoint asks (e.g. an optimizer step too large for the signal).
     """
     if traj.xs is None:
         raise ValueError("am_loss_for_trajectory needs a recorded trajectory")
     select = getattr(fine, "select", None)
     if shards > 1 and select is not None and traj.n > 1:
-        def part(keep: Tensor) -> Tensor:
+        def part(keep: Tensor) -> tuple[Tensor, dict[str, float]]:
             rows = _sample_rows(traj, keep.to(traj.x1.device))
+            diag_s: dict[str, float] = {}
             loss_s = am_loss_for_trajectory(fine, select(traj, keep), adj[:, rows], v_base[:, rows], indices,
-                                            clip=clip)
-            return loss_s * (int(keep.sum()) / traj.n)
+                                            clip=clip, diagnostics=diag_s)
+            return loss_s * (int(keep.sum()) / traj.n), diag_s
 
-        return sum(run_in_threads(part, balanced_shards(sample_costs(traj), shards)), adj.new_zeros(()))
+        parts = run_in_threads(part, balanced_shards(sample_costs(traj), shards))
+        if diagnostics is not None:  # each thread filled its own dict; merged here, in shard order
+            for _, diag_s in parts:
+                for key, val in diag_s.items():
+                    diagnostics[key] = diagnostics.get(key, 0.0) + val
+        return sum((loss_s for loss_s, _ in parts), adj.new_zeros(()))
     h = 1.0 / traj.steps
     ks = indices.tolist()
     for k in ks:
@@ -232,6 +245,13 @@ def am_loss_for_trajectory(
         t = float(traj.times[k])
         sigma = fine.schedule.sigma(torch.tensor(t), h)
         v = fine.velocity(traj.xs[k].detach(), t, k, traj)
+        if diagnostics is not None:
+            with torch.no_grad():
+                sig = torch.as_tensor(sigma, dtype=v.dtype)
+                control = float(per_sample_sqnorm((2.0 / sig) * (v.detach() - v_base[k]), traj).sum())
+                target = float(per_sample_sqnorm(sig * adj[k], traj).sum())
+            diagnostics["control_sq"] = diagnostics.get("control_sq", 0.0) + control
+            diagnostics["target_sq"] = diagnostics.get("target_sq", 0.0) + target
         return am_loss(v, v_base[k], adj[k], sigma, traj, clip)
 
     total = torch.zeros(traj.n, dtype=traj.xs.dtype, device=traj.xs.device)
@@ -269,7 +289,10 @@ class AMStepOutput:
 
     metrics: loss; terminal_grad_norm (mean per-sample ‖∇g/η‖); n_traj; n_signal (trajectories whose terminal
     gradient is non-zero, e.g. scored and in the SQ tail); n_scored (trajectories with a finite reward, when the
-    terminal-gradient function reports it in ``traj.extras['n_scored']``).
+    terminal-gradient function reports it in ``traj.extras['n_scored']``); control_rms and target_rms, the RMS over
+    molecules of √Σ_k ‖(2/σ_k)(v_fine − v_base)‖² and √Σ_k ‖σ_k ã_k‖² on the loss timesteps, and their ratio
+    control_to_target: 0 at fine ≡ base, about 1 or below when the fine model has moved as far as the adjoint asks,
+    ≫ 1 when the last optimizer step overshot (the loss's gradient is then mostly the pull back to the base).
     """
 
     loss: Tensor
@@ -306,17 +329,20 @@ def am_step_loss(
     gnorm = per_sample_sqnorm(g, traj).sqrt()
     signal = gnorm != 0
     n_signal = int(signal.sum())
+    diag: dict[str, float] = {"control_sq": 0.0, "target_sq": 0.0}
     if 0 < n_signal < traj.n and hasattr(fine, "select") and _same_parameters(fine, base):
         # fine ≡ base (the first step of every stage): v_fine − v_base ≡ 0 and ã ≡ 0 for the samples without
-        # signal, so their loss terms and parameter gradients are exactly 0; the batch mean keeps 1/n.
+        # signal, so their loss terms, parameter gradients and diagnostics are exactly 0; the batch mean keeps 1/n.
         rows = _sample_rows(traj, signal)
         sub = fine.select(traj, signal)
         loss = am_loss_for_trajectory(fine, sub, adj[:, rows], v_base[:, rows], idx, clip=clip,
-                                      shards=cfg.shards) * (n_signal / traj.n)
+                                      shards=cfg.shards, diagnostics=diag) * (n_signal / traj.n)
     else:
-        loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip, shards=cfg.shards)
+        loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip, shards=cfg.shards, diagnostics=diag)
+    control_rms, target_rms = math.sqrt(diag["control_sq"] / traj.n), math.sqrt(diag["target_sq"] / traj.n)
     metrics = {"loss": float(loss.detach()), "terminal_grad_norm": float(gnorm.mean()), "n_traj": float(traj.n),
-               "n_signal": float(n_signal)}
+               "n_signal": float(n_signal), "control_rms": control_rms, "target_rms": target_rms,
+               "control_to_target": control_rms / target_rms if target_rms > 0 else math.nan}
     if "n_scored" in traj.extras:
         metrics["n_scored"] = float(traj.extras["n_scored"])
     return AMStepOutput(loss=loss, metrics=metrics)

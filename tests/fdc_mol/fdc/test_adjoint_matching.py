@@ -160,3 +160,52 @@ def test_tensorflow_input_checks():
         flow.sample(0, 10)
     with pytest.raises(ValueError):
         GMMVelocity([[0.0]], [-1.0], [1.0])
+
+
+def test_am_step_diagnostics_control_and_target_closed_form():
+    """control_rms and target_rms are the RMS over samples of √Σ_k ‖(2/σ_k)Δv‖² and √Σ_k ‖σ_k ã_k‖² on the loss
+    timesteps: 0 and the hand-computed target at fine ≡ base; with the fine velocity offset by a constant b,
+    control = |b|·√Σ_k 4/σ_k², whatever the trajectory. Sharded diagnostics equal the unsharded ones."""
+    from fdc_mol.fdc.adjoint_matching import am_step_loss, timestep_subset
+
+    torch.manual_seed(0)
+    fine = make_gmm_flow([[0.5, -0.2]], [0.8], [1.0], hidden=16)
+    base = fine.copy_frozen()
+    cfg = AMConfig(n_traj=6, steps=12, final_frac=0.25, random_frac=0.25)
+    w = torch.tensor([0.3, -0.7])
+    grad_fn = lambda x, tr: w.expand_as(x)  # noqa: E731  (r = w·x: the same terminal gradient for every sample)
+    def step(flow_cfg: AMConfig, seed: int, fn=grad_fn) -> dict[str, float]:  # noqa: ANN001
+        return am_step_loss(fine, base, fn, flow_cfg, generator=torch.Generator().manual_seed(seed),
+                            timestep_generator=torch.Generator().manual_seed(seed + 100)).metrics
+
+    m = step(cfg, 1)
+    assert m["control_rms"] == 0.0 and m["n_signal"] == 6
+    # the same trajectory and timesteps by hand: ã_k from the lean adjoint, σ_k from the schedule
+    traj = fine.sample(cfg.n_traj, cfg.steps, memoryless=True, record=True, generator=torch.Generator().manual_seed(1))
+    idx = timestep_subset(cfg.steps, cfg.final_frac, cfg.random_frac, torch.Generator().manual_seed(101))
+    adj, _ = lean_adjoint(base, traj, w.expand_as(traj.x1))
+    h = 1.0 / cfg.steps
+    sig = [float(fine.schedule.sigma(torch.tensor(float(traj.times[k])), h)) for k in idx.tolist()]
+    target = sum(s**2 * adj[k].pow(2).sum(-1) for s, k in zip(sig, idx.tolist()))  # (n,)
+    assert m["target_rms"] == pytest.approx(float(target.mean().sqrt()), rel=1e-5)
+    assert math.isnan(step(cfg, 1, lambda x, tr: torch.zeros_like(x))["control_to_target"])
+    # signal on half the samples: the fine ≡ base shortcut scores only those, and the RMS still averages over all 6
+    half = torch.tensor([1.0, 0.0] * 3).unsqueeze(-1)
+    m_half = step(cfg, 1, lambda x, tr: half * w.expand_as(x))
+    adj_h, _ = lean_adjoint(base, traj, half * w.expand_as(traj.x1))
+    target_h = sum(s**2 * adj_h[k].pow(2).sum(-1) for s, k in zip(sig, idx.tolist()))
+    assert m_half["n_signal"] == 3 and m_half["target_rms"] == pytest.approx(float(target_h.mean().sqrt()), rel=1e-5)
+    # offset the fine velocity by b (the residual MLP's last bias; its weight is 0): Δv = b at every (x, t)
+    b = torch.tensor([0.05, -0.02])
+    with torch.no_grad():
+        fine.net.mlp[-1].bias.copy_(b)
+    m2 = step(cfg, 2)
+    idx2 = timestep_subset(cfg.steps, cfg.final_frac, cfg.random_frac, torch.Generator().manual_seed(102))
+    tr2 = fine.sample(cfg.n_traj, cfg.steps, memoryless=True, record=True, generator=torch.Generator().manual_seed(2))
+    sig2 = [float(fine.schedule.sigma(tr2.times[k].clone().detach(), h)) for k in idx2.tolist()]
+    expected = float(b.norm()) * math.sqrt(sum(4.0 / s**2 for s in sig2))
+    assert m2["control_rms"] == pytest.approx(expected, rel=1e-5)
+    assert m2["control_to_target"] == pytest.approx(m2["control_rms"] / m2["target_rms"])
+    sharded = step(cfg.model_copy(update={"shards": 2}), 2)
+    for key in ("control_rms", "target_rms", "loss"):
+        assert sharded[key] == pytest.approx(m2[key], rel=1e-5), key
