@@ -215,8 +215,7 @@ def am_loss_for_trajectory(
     ``diagnostics`` (a dict, updated in place) accumulates the two parts of the residual (2/σ)(v_fine − v_base) + σã
     over the loss timesteps, summed over molecules: ``control_sq`` += Σ_i Σ_k ‖(2/σ_k)(v_fine − v_base)‖² and
     ``target_sq`` += Σ_i Σ_k ‖σ_k ã_k‖² (per-atom vectors, squared units of the state per unit time). At each
-    sample's minimiser the two are equal; control ≫ target means the fine model has moved further from the base
-    than the adjoint asks (e.g. an optimizer step too large for the signal).
+    sample's minimiser the two are equal.
     """
     if traj.xs is None:
         raise ValueError("am_loss_for_trajectory needs a recorded trajectory")
@@ -290,9 +289,11 @@ class AMStepOutput:
     metrics: loss; terminal_grad_norm (mean per-sample ‖∇g/η‖); n_traj; n_signal (trajectories whose terminal
     gradient is non-zero, e.g. scored and in the SQ tail); n_scored (trajectories with a finite reward, when the
     terminal-gradient function reports it in ``traj.extras['n_scored']``); control_rms and target_rms, the RMS over
-    molecules of √Σ_k ‖(2/σ_k)(v_fine − v_base)‖² and √Σ_k ‖σ_k ã_k‖² on the loss timesteps, and their ratio
-    control_to_target: 0 at fine ≡ base, about 1 or below when the fine model has moved as far as the adjoint asks,
-    ≫ 1 when the last optimizer step overshot (the loss's gradient is then mostly the pull back to the base).
+    molecules of √Σ_k ‖(2/σ_k)(v_fine − v_base)‖² and √Σ_k ‖σ_k ã_k‖² on the loss timesteps. control_rms is 0 at
+    fine ≡ base and grows with each optimizer step's length. target_rms is the per-sample target, mostly noise that
+    no model can fit (the loss's minimiser matches its conditional mean), so the two are not compared one to one:
+    a step that overshoots shows as a jump of param_grad_norm after a stage's first step
+    (``docs/results/adam_overshoot/README.md``; ``tools/am_step_size.py`` measures the right length).
     """
 
     loss: Tensor
@@ -339,10 +340,9 @@ def am_step_loss(
                                       shards=cfg.shards, diagnostics=diag) * (n_signal / traj.n)
     else:
         loss = am_loss_for_trajectory(fine, traj, adj, v_base, idx, clip=clip, shards=cfg.shards, diagnostics=diag)
-    control_rms, target_rms = math.sqrt(diag["control_sq"] / traj.n), math.sqrt(diag["target_sq"] / traj.n)
     metrics = {"loss": float(loss.detach()), "terminal_grad_norm": float(gnorm.mean()), "n_traj": float(traj.n),
-               "n_signal": float(n_signal), "control_rms": control_rms, "target_rms": target_rms,
-               "control_to_target": control_rms / target_rms if target_rms > 0 else math.nan}
+               "n_signal": float(n_signal), "control_rms": math.sqrt(diag["control_sq"] / traj.n),
+               "target_rms": math.sqrt(diag["target_sq"] / traj.n)}
     if "n_scored" in traj.extras:
         metrics["n_scored"] = float(traj.extras["n_scored"])
     return AMStepOutput(loss=loss, metrics=metrics)

@@ -9,9 +9,6 @@ stage, so a resumed run continues the same optimizer.
 
 from __future__ import annotations
 
-import logging
-import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +21,7 @@ from fdc_mol.fdc.adjoint_matching import AMConfig, am_step_loss
 from fdc_mol.fdc.flow import FlowModel
 from fdc_mol.fdc.loop import Stage
 
-__all__ = ["AdjointMatchingModule", "LightningAMSolver", "OVERSHOOT_RATIO"]
-
-log = logging.getLogger("fdc_mol.am")
-
-# control_to_target above this (median over a stage's steps after its first) means the optimizer moved the fine
-# model much further from the base than the AM loss asks: at each sample's minimiser the ratio is 1.
-OVERSHOOT_RATIO = 10.0
+__all__ = ["AdjointMatchingModule", "LightningAMSolver"]
 
 
 class _Steps(Dataset):
@@ -125,17 +116,7 @@ class LightningAMSolver:
         self.optimizer_state = trainer.optimizers[0].state_dict()
         rows = module.step_metrics
         keys = rows[0].keys() if rows else []
-        out = {k: float(sum(r.get(k, 0.0) for r in rows) / len(rows)) for k in keys}
-        # The stage's first step starts at fine ≡ base (ratio 0); the later steps show what the optimizer did.
-        ratios = [r["control_to_target"] for r in rows[1:] if math.isfinite(r.get("control_to_target", math.nan))]
-        out["control_to_target"] = float(statistics.median(ratios)) if ratios else math.nan
-        if ratios and out["control_to_target"] > OVERSHOOT_RATIO:
-            log.warning("stage %d: after each step the fine model sat a median %.0fx further from the base than the "
-                        "AM loss asks (control_to_target); the optimizer's steps (lr %g) are too long for this "
-                        "signal, so the result reflects the step size more than the objective. A smaller lr (or a "
-                        "larger reward scale) fixes it; tools/am_step_size.py measures the right length.",
-                        stage.k, out["control_to_target"], self.lr)
-        return out
+        return {k: float(sum(r.get(k, 0.0) for r in rows) / len(rows)) for k in keys}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer_state}

@@ -188,7 +188,7 @@ def test_am_step_diagnostics_control_and_target_closed_form():
     sig = [float(fine.schedule.sigma(torch.tensor(float(traj.times[k])), h)) for k in idx.tolist()]
     target = sum(s**2 * adj[k].pow(2).sum(-1) for s, k in zip(sig, idx.tolist()))  # (n,)
     assert m["target_rms"] == pytest.approx(float(target.mean().sqrt()), rel=1e-5)
-    assert math.isnan(step(cfg, 1, lambda x, tr: torch.zeros_like(x))["control_to_target"])
+    assert step(cfg, 1, lambda x, tr: torch.zeros_like(x))["target_rms"] == 0.0
     # signal on half the samples: the fine ≡ base shortcut scores only those, and the RMS still averages over all 6
     half = torch.tensor([1.0, 0.0] * 3).unsqueeze(-1)
     m_half = step(cfg, 1, lambda x, tr: half * w.expand_as(x))
@@ -205,7 +205,6 @@ def test_am_step_diagnostics_control_and_target_closed_form():
     sig2 = [float(fine.schedule.sigma(tr2.times[k].clone().detach(), h)) for k in idx2.tolist()]
     expected = float(b.norm()) * math.sqrt(sum(4.0 / s**2 for s in sig2))
     assert m2["control_rms"] == pytest.approx(expected, rel=1e-5)
-    assert m2["control_to_target"] == pytest.approx(m2["control_rms"] / m2["target_rms"])
     sharded = step(cfg.model_copy(update={"shards": 2}), 2)
     for key in ("control_rms", "target_rms", "loss"):
         assert sharded[key] == pytest.approx(m2[key], rel=1e-5), key
