@@ -34,7 +34,7 @@ def line_search(config: str, seed: int, lr: float | None = None) -> dict[str, An
     from fdc_mol.commands.finetune import load_finetune_config
     from fdc_mol.fdc.adjoint_matching import am_loss_for_trajectory, lean_adjoint, timestep_subset
     from fdc_mol.fdc.flow import per_sample_sqnorm
-    from fdc_mol.fdc.loop import stage_seed
+    from fdc_mol.fdc.loop import stage_seed, stage_terminal_grad
     from fdc_mol.molecular.job import FinetuneJob
 
     cfg = load_finetune_config(config, run_dir="runs/am_step_size", seed=seed)
@@ -48,7 +48,7 @@ def line_search(config: str, seed: int, lr: float | None = None) -> dict[str, An
     fitted = job.objective.fit(job.fit_context(base, base, 1, None))
     gen = torch.Generator().manual_seed(stage_seed(seed, 1) + 17)
     traj = fine.sample(cfg.am.n_traj, cfg.am.steps, memoryless=True, record=True, generator=gen)
-    g = torch.nan_to_num(base.project(fitted.grad(traj.x1, traj) / eta, traj))
+    g = torch.nan_to_num(stage_terminal_grad(fitted, eta, base)(traj.x1, traj))
     idx = timestep_subset(cfg.am.steps, cfg.am.final_frac, cfg.am.random_frac, gen)
     adj, v_base = lean_adjoint(base, traj, g, v_base_steps=idx)
     params = [p for p in fine.parameters() if p.requires_grad]

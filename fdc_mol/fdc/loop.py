@@ -214,6 +214,15 @@ class FDCResult:
     info: list[dict[str, Any]] = field(default_factory=list)
 
 
+def stage_terminal_grad(fitted: Fitted, eta: float, base: FlowModel) -> TerminalGradFn:
+    """The stage's AM terminal gradient x1 ↦ ∇δG(x1)/η, projected by the base model (e.g. centre-of-mass free)."""
+
+    def terminal_grad(x: Tensor, traj: Trajectory) -> Tensor:
+        return base.project(fitted.grad(x, traj) / eta, traj)
+
+    return terminal_grad
+
+
 def run_outer_loop(
     model: FlowModel,
     objective: Objective,
@@ -267,12 +276,8 @@ def run_outer_loop(
         fitted = objective.fit(ctx)
         lam = fitted.grad_scale / eta_k
 
-        def terminal_grad(x: Tensor, traj: Trajectory, _f: Fitted = fitted, _eta: float = eta_k,
-                          _m: FlowModel = base) -> Tensor:
-            return _m.project(_f.grad(x, traj) / _eta, traj)
-
-        stage = Stage(k=k, eta=eta_k, fitted=fitted, terminal_grad=terminal_grad, lam=lam, steps=steps_per_iter,
-                      seed=s)
+        stage = Stage(k=k, eta=eta_k, fitted=fitted, terminal_grad=stage_terminal_grad(fitted, eta_k, base), lam=lam,
+                      steps=steps_per_iter, seed=s)
         solver_metrics = solver.solve(model, base, stage) if steps_per_iter > 0 else {}
         info = {"eta": eta_k, "lambda": lam, "G_prev": fitted.value,
                 **{f"fit_{a}": b for a, b in fitted.info.items() if isinstance(b, (int, float))},
