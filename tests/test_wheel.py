@@ -28,5 +28,5 @@ def test_wheel_ships_configs_model_and_references(tmp_path: Path) -> None:
     for cfg in sorted((ROOT / "fdc_mol" / "configs").glob("*.yaml")):
         assert f"fdc_mol/configs/{cfg.name}" in names
     assert "fdc_mol/rewards/element_references.json" in names
-    assert "flowmol_ext/pretrained_models/qm9_small/model.pt" in names
+    assert "flowmol_ext/pretrained_models/qm9_small_10000/model.pt" in names
     assert "fdc_mol/molecular/job.py" in names and "fdc_mol/fdc/loop.py" in names

@@ -128,6 +128,19 @@ def test_registry_and_bad_paths(tmp_path: pathlib.Path) -> None:
         load_pretrained(tmp_path)
 
 
+def test_default_name_points_at_the_newest_independent_coupling_phase() -> None:
+    """``qm9_small`` moves forward as training phases ship; the other names stay fixed. Every fixed independent-
+    coupling name's training history must be a prefix of the default's, and the default's the longest, so the
+    default can never point at an older phase (or at a model of another lineage)."""
+    if not is_model_dir(REGISTRY["qm9_small"]):
+        pytest.skip("pretrained weights not shipped in this checkout")
+    default = load_pretrained("qm9_small").metadata["history"]
+    for name in ("qm9_small_indep800", "qm9_small_4900", "qm9_small_10000"):
+        older = load_pretrained(name).metadata["history"]
+        assert default[: len(older)] == older, name
+        assert len(older) <= len(default), name
+
+
 def test_from_official_rejects_unsupported() -> None:
     js = _shapes_json()
     hp = json.loads(json.dumps(js["hyper_parameters"]))
