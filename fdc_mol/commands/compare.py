@@ -165,8 +165,9 @@ def _recorded_fixed_graph_kde(names: list[str], dirs: dict[str, Path], last: dic
 
 def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
     """Per seed: the pre-trained ODE sample's molecules (recorded discrete trajectory) re-integrated with each
-    method's final positions network; SQ_β and the mean of the SAME molecules' rewards, with paired bootstrap
-    intervals of the differences to the pre-trained model and between the first two methods."""
+    method's final positions network; SQ_β and the mean of the SAME molecules' rewards (those the strict gate
+    scores under every model of the seed), with paired bootstrap intervals of the differences to the pre-trained
+    model and between the first two methods."""
     import numpy as np
 
     from fdc_mol.commands.finetune import load_finetune_config
@@ -201,6 +202,11 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
                 if close:
                     close()
         beta = cfg.utility.beta
+        # One set of molecules per seed: those the strict gate scores under EVERY model. Per-pair sets would let a
+        # molecule that fails under one method drop out of that method's rows only, so FDC − AM would not equal
+        # (FDC − pre) − (AM − pre) on the mean, and "the same molecules" would differ from row to row.
+        scored_by_all = np.logical_and.reduce([np.isfinite(np.asarray(v, np.float64)) for v in rewards.values()])
+        rewards = {k: np.where(scored_by_all, np.asarray(v, np.float64), np.nan) for k, v in rewards.items()}
 
         def sq(v: np.ndarray, b: float = beta) -> float:
             return superquantile(v, b)

@@ -37,6 +37,9 @@ def test_compare_two_methods_one_seed(tmp_path: Path, capsys: pytest.CaptureFixt
     assert [(r["a"], r["b"]) for r in fixed] == [("tiny_fdc", "pre-trained"), ("tiny_am", "pre-trained"),
                                                  ("tiny_fdc", "tiny_am")]
     assert all(int(r["n"]) == int(fixed[0]["n"]) for r in fixed)  # the same molecules in every comparison
+    dm = {(r["a"], r["b"]): float(r["d_mean"]) for r in fixed}  # hence the mean differences add up
+    fdc_pre, am_pre = dm[("tiny_fdc", "pre-trained")], dm[("tiny_am", "pre-trained")]
+    assert dm[("tiny_fdc", "tiny_am")] == pytest.approx(fdc_pre - am_pre, abs=1e-12)
     assert 2 <= int(fixed[0]["n"]) <= 16
     for r in fixed:
         assert float(r["d_sq_lo"]) <= float(r["d_sq"]) <= float(r["d_sq_hi"])
