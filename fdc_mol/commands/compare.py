@@ -205,8 +205,9 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
         # One set of molecules per seed: those the strict gate scores under EVERY model. Per-pair sets would let a
         # molecule that fails under one method drop out of that method's rows only, so FDC − AM would not equal
         # (FDC − pre) − (AM − pre) on the mean, and "the same molecules" would differ from row to row.
-        scored_by_all = np.logical_and.reduce([np.isfinite(np.asarray(v, np.float64)) for v in rewards.values()])
-        rewards = {k: np.where(scored_by_all, np.asarray(v, np.float64), np.nan) for k, v in rewards.items()}
+        rewards = {k: np.asarray(v, np.float64) for k, v in rewards.items()}
+        scored_by_all = np.logical_and.reduce([np.isfinite(v) for v in rewards.values()])
+        rewards = {k: np.where(scored_by_all, v, np.nan) for k, v in rewards.items()}
 
         def sq(v: np.ndarray, b: float = beta) -> float:
             return superquantile(v, b)

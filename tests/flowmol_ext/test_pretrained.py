@@ -129,16 +129,16 @@ def test_registry_and_bad_paths(tmp_path: pathlib.Path) -> None:
 
 
 def test_default_name_points_at_the_newest_independent_coupling_phase() -> None:
-    """``qm9_small`` moves forward as training phases ship; the other names stay fixed. Every fixed independent-
-    coupling name's training history must be a prefix of the default's, and the default's the longest, so the
-    default can never point at an older phase (or at a model of another lineage)."""
+    """``qm9_small`` moves forward as training phases ship; the other names stay fixed. The training history of
+    every fixed name the default has superseded must be a prefix of the default's, so the default can never point
+    at an older phase or at a model of another lineage. (``qm9_small_16000``, a later phase that measured no better,
+    is not one of them.)"""
     if not is_model_dir(REGISTRY["qm9_small"]):
         pytest.skip("pretrained weights not shipped in this checkout")
     default = load_pretrained("qm9_small").metadata["history"]
     for name in ("qm9_small_indep800", "qm9_small_4900", "qm9_small_10000"):
         older = load_pretrained(name).metadata["history"]
-        assert default[: len(older)] == older, name
-        assert len(older) <= len(default), name
+        assert default[: len(older)] == older, name  # also fails when the default's history is the shorter
 
 
 def test_from_official_rejects_unsupported() -> None:
