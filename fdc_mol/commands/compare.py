@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also compare fresh samples per sampler with common random numbers (CRN-paired bootstrap "
                         "of SQ_β and E[r] differences); a sampler the runs did not record is evaluated now for "
                         "the pre-trained and each final model, cached under OUT/crn_<sampler>/")
+    p.add_argument("--fixed-graph-molecules", type=int, default=None, metavar="N",
+                   help="sample N pre-trained ODE molecules for the fixed-graph comparison instead of using the "
+                        "runs' recorded evaluation molecules (evaluation.n_molecules): narrower intervals for the "
+                        "same runs. Rewards are cached per model under OUT/fixed_graph_n<N>/ (a rerun reads them); "
+                        "writes OUT/fixed_graph_n<N>.csv; no conformer-novelty column")
 
 
 def mean_std(vals: list[float]) -> str:
@@ -171,11 +176,9 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
     import numpy as np
 
     from fdc_mol.commands.finetune import load_finetune_config
-    from fdc_mol.molecular.job import FinetuneJob
     from fdc_mol.molecular.statistics import paired_bootstrap, superquantile
     from fdc_mol.report import format_table
     from flowmol_ext.io_utils import atomic_write_text
-    from flowmol_ext.pretrained import load_model_dir
 
     rows, body = [], []
     for seed in args.seeds:
@@ -183,24 +186,14 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
         if not all((d / "model").is_dir() for d in dirs.values()):
             continue
         cfg = load_finetune_config(args.config[0], run_dir=dirs[names[0]], seed=seed)
-        rewards = _recorded_fixed_graph_rewards(args, names, dirs, seed)
+        n_new = getattr(args, "fixed_graph_molecules", None)
+        rewards = None if n_new else _recorded_fixed_graph_rewards(args, names, dirs, seed)
         kde = None
         if rewards is not None:
             last = {n: load_finetune_config(c, run_dir=dirs[n], seed=seed).K for n, c in zip(names, args.config)}
             kde = _recorded_fixed_graph_kde(names, dirs, last)
-        if rewards is None:  # runs from before the per-molecule arrays were saved: sample and score again
-            job = FinetuneJob(cfg)
-            try:
-                ref = job.sample_evaluation(job.flow, "ode", record=True)
-                rewards = {"pre-trained": job.rewards_on(ref)}
-                for n, d in dirs.items():
-                    fine = job.flow.copy_frozen()
-                    fine.model.load_state_dict(load_model_dir(d / "model").state_dict())
-                    rewards[n] = job.rewards_on(ref, fine)
-            finally:
-                close = getattr(job.reward, "close", None)
-                if close:
-                    close()
+        else:  # N new molecules, or runs from before the per-molecule arrays were saved: sample and score
+            rewards = _resampled_fixed_graph_rewards(args, cfg, names, dirs, seed, n_new)
         beta = cfg.utility.beta
         # One set of molecules per seed: those the strict gate scores under EVERY model. Per-pair sets would let a
         # molecule that fails under one method drop out of that method's rows only, so FDC − AM would not equal
@@ -234,12 +227,58 @@ def fixed_graph_comparison(args: argparse.Namespace, names: list[str]) -> None:
     w = csv.DictWriter(buf, fieldnames=fields, restval="")
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(args.out / "fixed_graph.csv", buf.getvalue())
+    n_new = getattr(args, "fixed_graph_molecules", None)
+    path = args.out / ("fixed_graph.csv" if not n_new else f"fixed_graph_n{n_new}.csv")
+    atomic_write_text(path, buf.getvalue())
     print(f"\nfixed graphs: the pre-trained ODE sample's molecules (sizes, noise, types, charges, bonds) with each "
-          f"model's geometry (ODE along the recorded discrete states); paired bootstrap 95 % CI; "
-          f"{args.out / 'fixed_graph.csv'}")
+          f"model's geometry (ODE along the recorded discrete states); paired bootstrap 95 % CI; {path}")
     print(format_table(["seed", "difference", "Δ SQ_β (Eh)", "Δ E[r] (Eh)", "molecules",
                         "Δ log p̂_pre (nats)"], body))
+
+
+def _resampled_fixed_graph_rewards(args: argparse.Namespace, cfg: Any, names: list[str], dirs: dict[str, Path],
+                                   seed: int, n_molecules: int | None) -> dict[str, Any]:
+    """Per-molecule rewards (Eh; NaN = not scored) of one seed's fixed-graph comparison, sampled now: the
+    pre-trained model's ODE sample of ``n_molecules`` molecules (default: the runs' evaluation.n_molecules; the
+    run's evaluation seed, so its sizes, noise and CTMC draws) recorded, and each method's final positions network
+    integrated along its discrete states. Each model's array is cached in ``OUT/fixed_graph_n<N>/s<seed>_<model>
+    .npz`` as soon as it is scored (a rerun, or a run stopped half-way, samples only what is missing)."""
+    import numpy as np
+    import torch
+
+    from fdc_mol.molecular.job import FinetuneJob
+    from flowmol_ext.io_utils import atomic_write_bytes
+    from flowmol_ext.pretrained import load_model_dir
+
+    if n_molecules is not None:
+        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"n_molecules": n_molecules})})
+    job_n = cfg.evaluation.n_molecules or cfg.n_fit
+    cache = args.out / f"fixed_graph_n{job_n}"
+    paths = {m: cache / f"s{seed}_{m}.npz" for m in ["pre-trained", *names]}
+    out: dict[str, Any] = {m: np.load(p)["rewards"] for m, p in paths.items() if p.is_file()}
+    if len(out) == len(paths):
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    job = FinetuneJob(cfg)
+    try:
+        with torch.no_grad():
+            ref = job.sample_evaluation(job.flow, "ode", record=True)
+            for m, p in paths.items():
+                if m in out:
+                    continue
+                flow = None
+                if m != "pre-trained":
+                    flow = job.flow.copy_frozen()
+                    flow.model.load_state_dict(load_model_dir(dirs[m] / "model").state_dict())
+                out[m] = job.rewards_on(ref, flow)
+                buf = io.BytesIO()
+                np.savez(buf, rewards=out[m])
+                atomic_write_bytes(p, buf.getvalue())
+    finally:
+        close = getattr(job.reward, "close", None)
+        if close:
+            close()
+    return out
 
 
 _CRN_METRICS = ("validity", "molecule_stability", "uniqueness")

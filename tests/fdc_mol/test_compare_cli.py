@@ -70,6 +70,29 @@ def test_compare_two_methods_one_seed(tmp_path: Path, capsys: pytest.CaptureFixt
         assert a["n"] == b["n"]
         for key in ("sq_a", "sq_b", "d_mean"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
+    # More molecules than the runs recorded: N new pre-trained molecules, every model's rewards cached per model;
+    # the table is the cached arrays' paired statistics, and a rerun samples nothing.
+    main(["compare", "-c", str(tmp_path / "tiny_fdc.yaml"), "-c", str(tmp_path / "tiny_am.yaml"),
+          "--seeds", "0", "--out", str(out), "--summarize", "--fixed-graph-molecules", "24"])
+    cached = {m: np.load(out / "fixed_graph_n24" / f"s0_{m}.npz")["rewards"]
+              for m in ("pre-trained", "tiny_fdc", "tiny_am")}
+    assert all(v.shape == (24,) for v in cached.values())
+    both = np.logical_and.reduce([np.isfinite(v) for v in cached.values()])
+    big = {(r["a"], r["b"]): r for r in csv.DictReader(open(out / "fixed_graph_n24.csv"))}
+    for (a, b), r in big.items():
+        assert int(r["n"]) == int(both.sum())
+        assert float(r["d_mean"]) == pytest.approx(float(np.mean(cached[a][both] - cached[b][both])), abs=1e-12)
+    before_big = (out / "fixed_graph_n24.csv").read_text()
+    monkey = pytest.MonkeyPatch()
+    from fdc_mol.molecular import job as job_mod
+
+    monkey.setattr(job_mod, "FinetuneJob", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled again")))
+    try:
+        main(["compare", "-c", str(tmp_path / "tiny_fdc.yaml"), "-c", str(tmp_path / "tiny_am.yaml"),
+              "--seeds", "0", "--out", str(out), "--summarize", "--fixed-graph-molecules", "24"])
+    finally:
+        monkey.undo()
+    assert (out / "fixed_graph_n24.csv").read_text() == before_big
     # Runs of the same seed whose iteration-0 rewards differ by xTB's float noise (3.5e-8 Eh measured across thread
     # counts) still pair on their records; a real difference, or a failure in one run only, does not.
     import argparse
