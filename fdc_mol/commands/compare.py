@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-graph-molecules", type=int, default=None, metavar="N",
                    help="sample N pre-trained ODE molecules for the fixed-graph comparison instead of using the "
                         "runs' recorded evaluation molecules (evaluation.n_molecules): narrower intervals for the "
-                        "same runs. Rewards are cached per model under OUT/fixed_graph_n<N>/ (a rerun reads them); "
-                        "writes OUT/fixed_graph_n<N>.csv; no conformer-novelty column")
+                        "same runs. Rewards are cached per model under OUT/fixed_graph_n<N>/ (a rerun reads them: "
+                        "delete that folder after re-running a method); writes OUT/fixed_graph_n<N>.csv; no "
+                        "conformer-novelty column")
 
 
 def mean_std(vals: list[float]) -> str:
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from fdc_mol.report import format_table
     from flowmol_ext.io_utils import atomic_write_text
 
+    n_fg = getattr(args, "fixed_graph_molecules", None)
+    if n_fg is not None and n_fg < 8:  # evaluation.n_molecules' lower bound; checked before any run starts
+        raise ValueError(f"--fixed-graph-molecules must be >= 8, got {n_fg}")
     per_seed: list[dict[str, Any]] = []
     names = [Path(c).stem for c in args.config]
     for seed in args.seeds:

@@ -223,3 +223,11 @@ def test_compare_without_finished_runs_names_the_folder(capsys: pytest.CaptureFi
                         "--summarize")
     assert code != 0
     _one_line_error(err, "no finished run", str(tmp_path / "none"), "fdc_effect_cpu")
+
+
+def test_compare_too_few_fixed_graph_molecules_is_refused_before_any_run(capsys: pytest.CaptureFixture,
+                                                                         tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "compare", "-c", "fdc_effect_cpu", "--seeds", "0", "--out", str(tmp_path / "cmp"),
+                        "--fixed-graph-molecules", "4")
+    assert code == 2 and not (tmp_path / "cmp").exists()
+    _one_line_error(err, "--fixed-graph-molecules", ">= 8", "4")
