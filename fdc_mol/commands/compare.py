@@ -250,9 +250,7 @@ def _resampled_fixed_graph_rewards(args: argparse.Namespace, cfg: Any, names: li
     import numpy as np
     import torch
 
-    from fdc_mol.molecular.job import FinetuneJob
-    from flowmol_ext.io_utils import atomic_write_bytes
-    from flowmol_ext.pretrained import load_model_dir
+    from fdc_mol.molecular.job import FinetuneJob, save_npz
 
     if n_molecules is not None:
         cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"n_molecules": n_molecules})})
@@ -263,27 +261,13 @@ def _resampled_fixed_graph_rewards(args: argparse.Namespace, cfg: Any, names: li
     if len(out) == len(paths):
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    job = FinetuneJob(cfg)
-    try:
-        with torch.no_grad():
-            ref = job.sample_evaluation(job.flow, "ode", record=True)
-            for m, p in paths.items():
-                if m in out:
-                    continue
-                flow = None
-                if m != "pre-trained":
-                    flow = job.flow.copy_frozen()
-                    flow.model.load_state_dict(load_model_dir(dirs[m] / "model").state_dict())
-                out[m] = job.rewards_on(ref, flow)
-                buf = io.BytesIO()
-                np.savez(buf, rewards=out[m])
-                atomic_write_bytes(p, buf.getvalue())
-    finally:
-        close = getattr(job.reward, "close", None)
-        if close:
-            close()
+    with FinetuneJob(cfg) as job, torch.no_grad():
+        ref = job.sample_evaluation(job.flow, "ode", record=True)
+        for m, p in paths.items():
+            if m not in out:
+                out[m] = job.rewards_on(ref, None if m == "pre-trained" else job.final_flow(dirs[m]))
+                save_npz(p, rewards=out[m])
     return out
-
 
 _CRN_METRICS = ("validity", "molecule_stability", "uniqueness")
 
@@ -319,34 +303,21 @@ def _crn_sample(args: argparse.Namespace, names: list[str], seed: int, sampler: 
             out[m] = {k: (v if k == "rewards" else float(v)) for k, v in np.load(p).items()}
     if len(out) == len(paths):
         return out
-    from fdc_mol.molecular.job import FinetuneJob
+    from fdc_mol.molecular.job import FinetuneJob, save_npz
     from fdc_mol.molecular.reward_oracle import molecules_of
-    from flowmol_ext.io_utils import atomic_write_bytes
     from flowmol_ext.metrics import evaluate_molecules
-    from flowmol_ext.pretrained import load_model_dir
 
-    job = FinetuneJob(cfgs[names[0]])
-    try:
+    with FinetuneJob(cfgs[names[0]]) as job:
         for m, p in paths.items():
             if m in out:
                 continue
-            flow = job.flow
-            if m != "pre-trained":
-                flow = job.flow.copy_frozen()
-                flow.model.load_state_dict(load_model_dir(dirs[m] / "model").state_dict())
+            flow = job.flow if m == "pre-trained" else job.final_flow(dirs[m])
             mols = molecules_of(job.sample_evaluation(flow, sampler))
             r = np.asarray(job.reward(mols, with_grad=False).value, dtype=np.float64)
             met = evaluate_molecules(mols, train_smiles=job.train_smiles, train_smiles_canonical=True)
             out[m] = {"rewards": r, **{k: float(met[k]) for k in _CRN_METRICS}}
-            buf = io.BytesIO()
-            np.savez(buf, **out[m])
-            atomic_write_bytes(p, buf.getvalue())
-    finally:
-        close = getattr(job.reward, "close", None)
-        if close:
-            close()
+            save_npz(p, **out[m])
     return out
-
 
 def crn_sampler_comparison(args: argparse.Namespace, names: list[str], sampler: str) -> None:
     """Per seed, fresh samples of the pre-trained and each final model with ``sampler`` under common random

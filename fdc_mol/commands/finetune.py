@@ -73,13 +73,8 @@ def _run_finetune_locked(cfg, run_dir: Path, print_table: bool, model: Any, rewa
                              "or delete it")
     start_run(f"finetune ({cfg.algorithm})", seed=cfg.seed, config=cfg, device=cfg.device, run_dir=run_dir)
     dump_config(cfg, saved)
-    job = FinetuneJob(cfg, model=model, reward=reward)
-    try:
+    with FinetuneJob(cfg, model=model, reward=reward) as job:
         rows = job.run()
-    finally:
-        close = getattr(job.reward, "close", None)
-        if close:
-            close()
     if print_table:
         print(format_finetune_table(rows, cfg))
         print(f"run directory: {run_dir}  (metrics.csv, plots.png, samples/iteration_*.sdf, model/)")

@@ -91,7 +91,7 @@ def element_counts(mols: list[Any]) -> np.ndarray:
     return out
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez through a temporary file and rename (np.savez would append .npz to a temporary name)."""
 
     def write(tmp: Path) -> None:
@@ -157,6 +157,25 @@ class FinetuneJob:
                  if cfg.novelty_kde_weight > 0 else [])
         self.objective = Objective(make_utility(cfg), terms=terms)
 
+    def close(self) -> None:
+        """Release the reward's workers (a reward without ``close`` holds none)."""
+        close = getattr(self.reward, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> FinetuneJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def final_flow(self, run_dir: Path) -> FlowMolFlow:
+        """A frozen copy of this job's flow holding the final model of the run in ``run_dir`` (``run_dir/model``)."""
+        from flowmol_ext.pretrained import load_model_dir
+
+        flow = self.flow.copy_frozen()
+        flow.model.load_state_dict(load_model_dir(Path(run_dir) / "model").state_dict())
+        return flow
     def _train_smiles(self) -> set[str] | None:
         if not self.cfg.data_dir:
             return None
@@ -201,7 +220,7 @@ class FinetuneJob:
             for name in ("fixed_graph_rewards", "fixed_graph_kde_logp"):  # per molecule, into the npz
                 if name in fixed:
                     arrays[name] = fixed.pop(name)
-            _save_npz(self._arrays_path(k, sampler), **arrays)
+            save_npz(self._arrays_path(k, sampler), **arrays)
             if k == 0 or sampler not in self.reference:
                 ref_path = self._arrays_path(0, sampler)
                 self.reference[sampler] = dict(np.load(ref_path)) if ref_path.is_file() else {}
